@@ -1,0 +1,318 @@
+"""The recipe schema: one typed section per TOML table, and `load_recipe(path, overrides)`.
+
+A recipe is read as: defaults < TOML file < `section.key=value` overrides. Every problem (unknown key,
+wrong type, bad choice, out-of-range value) is collected into ONE `RecipeError` naming the file and the
+dotted key, with a "did you mean" for misspelled keys. This module imports no torch on purpose: the
+launcher validates recipes before any process starts.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem by dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(Section):
+    """`[data.augment]`: train-time augmentation (evaluation never augments)."""
+
+    random_resized_crop: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    crop_padding: int = Field(0, ge=0)
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    rotation: float = Field(0.0, ge=0.0, le=180.0)
+    color_jitter: float = Field(0.0, ge=0.0)
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+
+
+HUB_KEYS = {"dataset", "config", "revision"}
+FOLDER_KEYS = {"root"}
+LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names"}
+
+
+class DataConfig(Section):
+    """`[data]`: where images come from, how splits are formed, and the preprocessing the model owns."""
+
+    source: Literal["hub", "folder", "listfile"] = "hub"
+    # hub (a hub name, or a local folder in hub layout: the same `datasets.load_dataset` path)
+    dataset: str = ""
+    config: str = ""
+    revision: str = ""
+    image_column: str = ""
+    label_column: str = ""
+    # folder and list file: paths are relative to root
+    root: str = ""
+    train_list: str = ""
+    val_list: str = ""
+    test_list: str = ""
+    separator: str = " "
+    class_names: list[str] = []
+    # split model: train / val / test
+    train_split: str = "train"
+    val_split: str = ""
+    test_split: str = ""
+    val_size: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_pick: Literal["first", "random"] = "random"
+    split_seed: int = 0
+    on_bad_image: Literal["error", "skip"] = "error"
+    # preprocessing, stored with the model
+    image_size: tuple[int, int] = (224, 224)
+    channels: Literal[1, 3] = 3
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+    augment: AugmentConfig = AugmentConfig()
+    # loading
+    workers: int = Field(0, ge=0)
+    shuffle: bool = True
+    cache: Literal["none", "memory"] = "none"
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError("both sides must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        problems = []
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            problems.append(f"mean and std need {self.channels} values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            problems.append("std values must be > 0")
+        foreign = {"hub": FOLDER_KEYS | LIST_KEYS, "folder": HUB_KEYS | LIST_KEYS,
+                   "listfile": HUB_KEYS}[self.source] & self.model_fields_set
+        if foreign:
+            problems.append(f"{sorted(foreign)} do not apply to source = {self.source!r}")
+        if self.source == "hub" and not self.dataset:
+            problems.append("source = 'hub' needs dataset = '<hub name or local folder>'")
+        if self.source in ("folder", "listfile") and not self.root:
+            problems.append(f"source = {self.source!r} needs root = '<folder>'")
+        if self.source == "listfile" and not self.train_list:
+            problems.append("source = 'listfile' needs train_list = '<file>'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ModelConfig(Section):
+    """`[model]`: architecture by registry name, its arguments, and where initial weights come from."""
+
+    name: str = "small_cnn"
+    args: dict[str, Any] = {}
+    train_mode: Literal["fromscratch", "finetune", "update"] = "fromscratch"
+    weights: str = ""
+    freeze: Union[Literal["none", "backbone"], list[str]] = "none"
+    sync_batchnorm: bool = False
+
+    @model_validator(mode="after")
+    def _weights_for_mode(self) -> "ModelConfig":
+        if self.train_mode != "fromscratch" and not self.weights:
+            raise ValueError(f"train_mode = {self.train_mode!r} needs weights = '<file or artifact dir>'")
+        if self.train_mode == "fromscratch" and self.weights:
+            raise ValueError("weights is set but train_mode = 'fromscratch'; use 'finetune' or 'update'")
+        return self
+
+
+class OptimConfig(Section):
+    """`[optim]`: the optimizer; weight decay skips norm layers and biases unless told otherwise."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    decay_norm_and_bias: bool = False
+    grad_clip_norm: float = Field(0.0, ge=0.0)
+
+
+class ScheduleConfig(Section):
+    """`[schedule]`: per-optimizer-step learning-rate schedule."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    decay: float = Field(0.1, gt=0.0, le=1.0)
+    decay_every_epochs: int = Field(30, ge=1)
+
+
+class TrainConfig(Section):
+    """`[train]`: how long, how big a batch, precision, and evaluation cadence."""
+
+    epochs: int = Field(10, ge=1)
+    global_batch_size: int = Field(128, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    max_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["config", "no", "bf16", "fp16"] = "config"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    evaluate_before_train: bool = False
+    eval_every_epochs: int = Field(1, ge=1)
+    log_every_steps: int = Field(50, ge=1)
+    early_stop_patience: int = Field(0, ge=0)
+    calibrate: bool = True
+
+
+class CheckpointConfig(Section):
+    """`[checkpoint]`: where runs go, how often resume state is saved, and which model is "best"."""
+
+    output_dir: str = "runs"
+    every_steps: int = Field(0, ge=0)
+    every_epochs: int = Field(1, ge=0)
+    keep_last: int = Field(2, ge=1)
+    select_metric: Literal["top1", "loss"] = "top1"
+
+
+class TrackingConfig(Section):
+    """`[tracking]`: experiment trackers beside the always-on metrics.jsonl."""
+
+    backends: list[Literal["wandb", "tensorboard"]] = []
+    project: str = "imgcls"
+    entity: str = ""
+    run_name: str = ""
+    group: str = ""
+    tags: list[str] = []
+    notes: str = ""
+    mode: Literal["online", "offline"] = "online"
+    upload_model: bool = False
+    plots: bool = True
+
+
+class ExportConfig(Section):
+    """`[export]`: formats written at the end of training (also available later via `imgcls-export`)."""
+
+    formats: list[Literal["onnx", "torchscript", "torch_export"]] = []
+    opset: int = Field(17, ge=11)
+    onnx_fp16: bool = False
+    parity_images: int = Field(32, ge=1)
+    parity_atol: float = Field(1e-3, gt=0.0)
+
+
+class Recipe(Section):
+    name: str
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (it names runs/<name>/)")
+        return v
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (["train", "epochs"], 3). The value is read as TOML; a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.epochs=3")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [part.strip() for part in key.split(".")], value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {part!r} is a value, not a table")
+        node[path[-1]] = value
+    return tree
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section that holds `loc` (for "did you mean")."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int)) or ("(recipe)",)
+    dotted = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1)
+        tip = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(_fields_at(loc))}"
+        return f"{dotted}: unknown key{tip}"
+    if err["type"] == "missing":
+        return f"{dotted}: required key is missing"
+    got = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{dotted or '(recipe)'}: {msg}{shown}"
+
+
+def validate_tree(tree: dict, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        head = f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the recipe:"
+        raise RecipeError("\n  - ".join([head, *problems])) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    return validate_tree(apply_overrides(tree, list(overrides)), str(path))
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    return tomli_w.dumps(recipe.model_dump(mode="json"))
+
+
+def recipe_diff(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every value that differs."""
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and k != "args":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
