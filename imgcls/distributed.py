@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration
 
 from .recipe import RecipeError, TrainConfig
 
 
-def create_accelerator(train: TrainConfig, project_dir: str, log_with: list | None = None) -> Accelerator:
+def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) -> Accelerator:
     """The recipe pins precision only when `train.mixed_precision` is not "config"."""
     accelerator = Accelerator(
         mixed_precision=None if train.mixed_precision == "config" else train.mixed_precision,
         gradient_accumulation_steps=train.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        project_config=ProjectConfiguration(project_dir=project_dir),
-        log_with=log_with,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        log_with=list(log_with) or None,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise RecipeError(

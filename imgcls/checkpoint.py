@@ -1,0 +1,164 @@
+"""`[checkpoint]`: resume state and the portable model artifact.
+
+Resume state = `accelerator.save_state` (model, optimizer, scheduler, scaler, per-process RNG, sampler) plus
+the registered `TrainState`, in `<run>/checkpoints/step-NNNNNNN/`. It is complete only once `COMPLETE` is
+written, last; anything else is never resumed from and is cleaned up.
+
+The artifact (`model/best`, `model/last`) is what predict/export/eval read: `model.safetensors`, `config.json`
+(architecture, class names, preprocessing, calibration) and the resolved `recipe.toml`. Both are written to a
+temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "imgcls-artifact/1"
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    """Counters that make a resumed run continue exactly; saved with every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    world_size: int = 1
+    log_rows: int = 0
+    tracker_ids: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a fully written `tmp` to `dest`, replacing any previous `dest` by rename, never in place."""
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fresh_tmp(dest: Path) -> Path:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---------------------------------------------------------------- resume state
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Collective: every process calls it. Only the main process renames, marks and prunes."""
+    dest = checkpoint_dir(run_dir, state.step)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=1))
+        replace_dir(tmp, dest)
+        (dest / MARKER).write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
+        prune_checkpoints(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; remove incomplete leftovers."""
+    root = Path(run_dir) / "checkpoints"
+    complete = complete_checkpoints(run_dir)
+    for p in complete[:-keep_last]:
+        shutil.rmtree(p)
+    for p in root.iterdir():
+        if p not in complete and (p.name.startswith(".") or not (p / MARKER).is_file()):
+            log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def find_resume(runs_root: Path, name: str) -> Path | None:
+    """`--resume auto`: the newest complete checkpoint among the recipe's runs."""
+    base = Path(runs_root) / name
+    if not base.is_dir():
+        return None
+    found = [c for run in base.iterdir() if run.is_dir() for c in complete_checkpoints(run)]
+    return max(found, key=lambda p: (p.stat().st_mtime, int(p.name.split("-")[1])), default=None)
+
+
+# ---------------------------------------------------------------- portable artifact
+def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml: str) -> None:
+    """`config` holds architecture, class names, preprocessing and calibration (see `load_artifact`)."""
+    dest = Path(dest)
+    tmp = _fresh_tmp(dest)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": ARTIFACT_FORMAT})
+    (tmp / "config.json").write_text(json.dumps({"format": ARTIFACT_FORMAT, **config}, indent=2))
+    (tmp / "recipe.toml").write_text(recipe_toml)
+    replace_dir(tmp, dest)
+
+
+def artifact_path(path: str | Path) -> Path:
+    """An artifact folder, or a run folder (-> its model/best)."""
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if (p / "model" / "best" / "config.json").is_file():
+        return p / "model" / "best"
+    raise FileNotFoundError(f"{p}: not a model artifact (expected config.json + model.safetensors, or a run "
+                            f"folder with model/best/)")
+
+
+def read_artifact_config(path: str | Path) -> dict:
+    config = json.loads((artifact_path(path) / "config.json").read_text())
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: artifact format {config.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    return config
+
+
+def load_artifact(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from its config.json and load its weights (strict). Returns (model in eval, config)."""
+    from .models import build_model
+    from .recipe import ModelConfig
+
+    folder = artifact_path(path)
+    config = read_artifact_config(folder)
+    arch = config["model"]
+    model = build_model(ModelConfig(name=arch["name"], args=arch["args"]), arch["num_classes"],
+                        arch["in_channels"], tuple(config["preprocess"]["image_size"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    return model.eval(), config

@@ -1,0 +1,47 @@
+"""Exact classification metrics across processes: loss, top-1, top-5, confusion matrix."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = False) -> dict:
+    """Full pass over `loader`. `gather_for_metrics` drops the samples that padding duplicated on the last batch,
+    so 1 process and N processes give the same numbers."""
+    model.eval()
+    loss_sum, n = 0.0, 0
+    correct1 = correct5 = 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), labels))
+        logits, labels = logits.cpu(), labels.cpu()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        n += labels.numel()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+        if keep_logits:
+            all_logits.append(logits)
+            all_labels.append(labels)
+    out = {"loss": loss_sum / max(n, 1), "top1": correct1 / max(n, 1), "n": n, "confusion": confusion}
+    if num_classes > 5:
+        out["top5"] = correct5 / max(n, 1)
+    if keep_logits:
+        out["logits"] = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
+        out["labels"] = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return out
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    totals = confusion.sum(dim=1).clamp(min=1)
+    return (confusion.diag().float() / totals).tolist()
+
+
+def scalars(metrics: dict) -> dict:
+    """The loggable numbers of an `evaluate` result."""
+    return {k: v for k, v in metrics.items() if k in ("loss", "top1", "top5", "n")}

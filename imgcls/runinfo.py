@@ -1,0 +1,103 @@
+"""The run directory: choosing it (new or resumed), `env.json`, and checking a recipe against a resumed run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .checkpoint import MARKER, complete_checkpoints, find_resume
+from .recipe import Recipe, RecipeError, load_recipe, recipe_diff
+
+# Changing these on resume keeps the saved state meaningful; anything else is refused.
+SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "train.eval_every_epochs",
+                  "train.early_stop_patience", "train.calibrate", "checkpoint.", "tracking.", "export.",
+                  "data.workers")
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    base = Path(recipe.checkpoint.output_dir) / recipe.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run, k = base / stamp, 1
+    while run.exists():
+        run, k = base / f"{stamp}-{k}", k + 1
+    return run
+
+
+def resolve_resume(recipe: Recipe, resume: str) -> Path | None:
+    """`auto` -> newest complete checkpoint of this recipe's runs (None if there is none); else a checkpoint
+    folder or a run folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_resume(Path(recipe.checkpoint.output_dir), recipe.name)
+    p = Path(resume)
+    if (p / MARKER).is_file():
+        return p
+    if p.is_dir() and complete_checkpoints(p):
+        return complete_checkpoints(p)[-1]
+    raise RecipeError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker) nor a run folder with one")
+
+
+def check_resume_recipe(recipe: Recipe, run_dir: Path) -> list[str]:
+    """Refuse changes that alter the meaning of the saved state; return the allowed changes as text."""
+    saved = load_recipe(run_dir / "recipe.toml")
+    diff = recipe_diff(saved, recipe)
+    unsafe = {k: v for k, v in diff.items() if not k.startswith(SAFE_ON_RESUME)}
+    if unsafe:
+        lines = [f"  {k}: {old!r} (saved) -> {new!r} (now)" for k, (old, new) in unsafe.items()]
+        raise RecipeError(f"cannot resume {run_dir}: the recipe changed in ways that alter the saved state:\n"
+                          + "\n".join(lines) + "\nRevert these keys, or start a new run without --resume.")
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()]
+
+
+def _git_sha() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if sha.returncode:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(accelerator, per_device_batch: int) -> dict:
+    import torch
+
+    return {
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in (
+            "imgcls", "torch", "torchvision", "accelerate", "datasets", "safetensors", "wandb", "onnxruntime")}},
+        "git_sha": _git_sha(),
+        "host": socket.gethostname(),
+        "command": [sys.executable, *sys.argv],
+        "world_size": accelerator.num_processes,
+        "num_machines": int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "1")) or 1),
+        "distributed_type": str(accelerator.distributed_type),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "per_device_batch_size": per_device_batch,
+        "grad_accum_steps": accelerator.gradient_accumulation_steps,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,102 @@
+"""Preprocessing the model owns (size, channels, mean/std, interpolation) and train-time augmentation.
+
+`Preprocess` is stored in every artifact; predict/export/eval rebuild the eval transform from it, never from
+defaults. Transforms are torchvision v2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+
+from .recipe import AugmentConfig, DataConfig
+
+_MODES = {"L": 1, "RGB": 3}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    image_size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float = 1.0
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> "Preprocess":
+        return cls(tuple(data.image_size), data.channels, tuple(data.mean), tuple(data.std),
+                   data.interpolation, data.crop_pct)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(tuple(d["image_size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]),
+                   d["interpolation"], float(d.get("crop_pct", 1.0)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    @property
+    def interp(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    def convert(self, image: Image.Image) -> Image.Image:
+        """Any PIL mode (P, RGBA, I;16, CMYK, ...) to the model's channels."""
+        if image.mode == self.mode:
+            return image
+        if image.mode in ("I;16", "I", "F") and self.mode == "L":
+            return image.point(lambda v: v / 256).convert("L") if image.mode != "F" else image.convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert(self.mode)
+
+    def _tail(self) -> list:
+        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def eval_transform(self) -> v2.Compose:
+        h, w = self.image_size
+        if self.crop_pct < 1.0:
+            resize = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct))
+            head = [v2.Resize(resize, interpolation=self.interp, antialias=True), v2.CenterCrop((h, w))]
+        else:
+            head = [v2.Resize((h, w), interpolation=self.interp, antialias=True)]
+        return v2.Compose([v2.ToImage(), *head, *self._tail()[1:]])
+
+    def train_transform(self, aug: AugmentConfig) -> v2.Compose:
+        h, w = self.image_size
+        ops: list = [v2.ToImage()]
+        if aug.random_resized_crop:
+            ops.append(v2.RandomResizedCrop((h, w), scale=aug.scale, interpolation=self.interp, antialias=True))
+        else:
+            ops.append(v2.Resize((h, w), interpolation=self.interp, antialias=True))
+        if aug.crop_padding:
+            ops.append(v2.RandomCrop((h, w), padding=aug.crop_padding))
+        if aug.rotation:
+            ops.append(v2.RandomRotation(aug.rotation, interpolation=self.interp))
+        if aug.hflip:
+            ops.append(v2.RandomHorizontalFlip(aug.hflip))
+        if aug.color_jitter:
+            j = aug.color_jitter
+            ops.append(v2.ColorJitter(j, j, j if self.channels == 3 else 0))
+        return v2.Compose([*ops, *self._tail()[1:]])
+
+
+def batch_mix(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp / CutMix on whole batches (targets become soft), as in torchvision's reference scripts."""
+    ops = []
+    if aug.mixup_alpha:
+        ops.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+    if aug.cutmix_alpha:
+        ops.append(v2.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
