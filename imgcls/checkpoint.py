@@ -38,6 +38,8 @@ class TrainState:
     bad_epochs: int = 0
     world_size: int = 1
     log_rows: int = 0
+    window_loss: float = 0.0  # train loss summed since the last logged step, so logs survive a resume
+    window_batches: int = 0
     tracker_ids: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:

@@ -17,6 +17,7 @@ import difflib
 import functools
 import inspect
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -32,8 +33,7 @@ from torch import nn
 from imgcls.gem import GeMResNet
 from imgcls.recipe import ModelConfig, RecipeError
 
-_accelerate_log = get_logger(__name__)
-_plain_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 NORMS = ("batch", "group", "none")
 # torchvision defaults that would make a model return a tuple in train mode or warn about its init
@@ -47,9 +47,9 @@ _RUNTIME_ARGS = {"num_classes", "in_channels", "image_size", "input_size", "weig
 def _info(msg: str, *args: Any) -> None:
     """Log once per job under accelerate; plain logging before any Accelerator/PartialState exists."""
     try:
-        _accelerate_log.info(msg, *args)
-    except RuntimeError:
-        _plain_log.info(msg, *args)
+        _log.info(msg, *args)
+    except RuntimeError:  # accelerate's logger refuses to log before PartialState exists
+        logging.getLogger(__name__).info(msg, *args)
 
 
 class SmallCNN(nn.Module):
@@ -76,7 +76,7 @@ def _block(cin: int, cout: int, norm: str) -> nn.Sequential:
         if norm == "batch":
             layers.append(nn.BatchNorm2d(cout))
         elif norm == "group":
-            layers.append(nn.GroupNorm(min(8, cout) if cout % min(8, cout) == 0 else 1, cout))
+            layers.append(nn.GroupNorm(math.gcd(8, cout), cout))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers, nn.MaxPool2d(2))
 
@@ -108,8 +108,8 @@ def _torchvision_names() -> tuple[str, ...]:
 def _torchvision_params(name: str) -> dict[str, inspect.Parameter]:
     """The constructor parameters of the class behind a torchvision builder (found without allocating weights)."""
     with init_empty_weights():
-        cls = type(torchvision.models.get_model(name, weights=None, num_classes=2, **_TORCHVISION_DEFAULTS.get(name, {})))
-    return dict(inspect.signature(cls.__init__).parameters)
+        model = torchvision.models.get_model(name, weights=None, num_classes=2, **_TORCHVISION_DEFAULTS.get(name, {}))
+    return dict(inspect.signature(type(model).__init__).parameters)
 
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size: tuple[int, int],
@@ -155,6 +155,11 @@ def accepted_args(name: str) -> list[str]:
 
 def check_model_args(cfg: ModelConfig) -> None:
     """Raise RecipeError unless `cfg.name` exists and the model can be built with `cfg.args` (no weights allocated)."""
+    with init_empty_weights():
+        _call(_check_arg_names(cfg), cfg, "", num_classes=2, in_channels=3, image_size=(224, 224))
+
+
+def _check_arg_names(cfg: ModelConfig) -> Callable[..., nn.Module]:
     builder = _builder(cfg.name)
     accepted = accepted_args(cfg.name)
     problems = []
@@ -169,8 +174,7 @@ def check_model_args(cfg: ModelConfig) -> None:
     if problems:
         raise RecipeError("\n  - ".join(["model.args: arguments that do not fit the model:", *problems])
                           if len(problems) > 1 else problems[0])
-    with init_empty_weights():
-        _call(builder, cfg, "", num_classes=2, in_channels=3, image_size=(224, 224))
+    return builder
 
 
 def _call(builder: Callable[..., nn.Module], cfg: ModelConfig, context: str, **runtime: Any) -> nn.Module:
@@ -188,9 +192,8 @@ def _call(builder: Callable[..., nn.Module], cfg: ModelConfig, context: str, **r
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> nn.Module:
     """A freshly initialised model from `[model] name/args` for the data's classes, channels and image size."""
-    check_model_args(cfg)
     context = f" for {in_channels}-channel {image_size[0]}x{image_size[1]} images"
-    model = _call(_builder(cfg.name), cfg, context, num_classes=num_classes, in_channels=in_channels,
+    model = _call(_check_arg_names(cfg), cfg, context, num_classes=num_classes, in_channels=in_channels,
                   image_size=tuple(image_size))
     _info("model %s: %s parameters, head %r, %d input channel(s)", cfg.name, f"{count_parameters(model)[1]:,}",
           classifier_prefix(model, num_classes), in_channels)
@@ -316,7 +319,8 @@ def load_weights(model: nn.Module, path: str, mode: str, in_channels: int) -> No
     state = read_state_dict(path)
     own = model.state_dict()
     if mode == "update":
-        _check_exact(state, own, path)
+        _raise_on_mismatch(state, own, path, "does not fit the model exactly (train_mode = 'update'; "
+                           "'finetune' replaces a classifier that does not fit)")
         model.load_state_dict(state, strict=True)
     elif mode == "finetune":
         model.load_state_dict(_finetune_subset(model, state, own, path, in_channels), strict=False)
@@ -325,47 +329,41 @@ def load_weights(model: nn.Module, path: str, mode: str, in_channels: int) -> No
     _info("model weights loaded from %s (%s)", path, mode)
 
 
-def _check_exact(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str) -> None:
+def _raise_on_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str, why: str,
+                       ignore_missing: Callable[[str], bool] = lambda key: False) -> None:
     shapes = [f"{k} (file {_shape(v)}, model {_shape(own[k])})"
               for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not ignore_missing(k)]
+    unexpected = sorted(k for k in state if k not in own)
     problems = [f"{what}: {_listing(keys)}" for what, keys in
                 (("shape mismatch", shapes), ("missing from file", missing), ("not in model", unexpected)) if keys]
     if problems:
-        raise RecipeError(f"model.weights: {path} does not fit the model exactly (train_mode = 'update'); "
-                          + "; ".join(problems) + ". Use train_mode = 'finetune' to replace the classifier.")
+        raise RecipeError(f"model.weights: {path} {why}; " + "; ".join(problems))
 
 
 def _finetune_subset(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
                      path: str, in_channels: int) -> dict[str, torch.Tensor]:
     head = classifier_prefix(model)
-    conv_name, conv = first_conv(model)
-    if conv.in_channels != in_channels:
-        raise ValueError(f"load_weights: the model takes {conv.in_channels} channels, not {in_channels}")
-    load, bad = {}, []
-    for key, tensor in state.items():
-        target = own.get(key)
-        if target is not None and tensor.shape == target.shape:
-            load[key] = tensor
-        elif key == f"{conv_name}.weight" and target is not None and tensor.shape[0] == target.shape[0] \
-                and tensor.shape[2:] == target.shape[2:]:
-            load[key] = adapt_input_conv(tensor, in_channels)
-            _info("first conv %s %s -> %s adapted from %d to %d channels", key, _shape(tensor),
-                  _shape(target), tensor.shape[1], in_channels)
-        elif _under(key, head):
-            _info("head %s %s -> %s re-initialised", key, _shape(tensor), _shape(target) if target is not None
-                  else "(not in model)")
-        else:
-            bad.append(f"{key} (file {_shape(tensor)}, model {_shape(target) if target is not None else 'none'})")
-    bad += [f"{k} (missing from file)" for k in own if k not in state and not _under(k, head)]
-    if bad:
-        raise RecipeError(f"model.weights: {path} does not fit the model outside its classifier {head!r}: "
-                          f"{_listing(bad)}")
-    absent = [k for k in own if _under(k, head) and k not in state]
+    conv_key = first_conv(model)[0] + ".weight"
+    if own[conv_key].shape[1] != in_channels:
+        raise ValueError(f"load_weights: the model takes {own[conv_key].shape[1]} channels, not {in_channels}")
+    pretrained, target = state.get(conv_key), own[conv_key]
+    if pretrained is not None and pretrained.shape[1] != in_channels \
+            and pretrained.shape[:1] + pretrained.shape[2:] == target.shape[:1] + target.shape[2:]:
+        state = {**state, conv_key: adapt_input_conv(pretrained, in_channels)}
+        _info("first conv %s %s -> %s adapted from %d to %d channels", conv_key, _shape(pretrained),
+              _shape(target), pretrained.shape[1], in_channels)
+    unfit = [k for k in state if _under(k, head) and (k not in own or state[k].shape != own[k].shape)]
+    for key in unfit:
+        _info("head %s %s -> %s re-initialised", key, _shape(state[key]),
+              _shape(own[key]) if key in own else "(not in model)")
+    state = {k: v for k, v in state.items() if k not in unfit}
+    _raise_on_mismatch(state, own, path, f"does not fit the model outside its classifier {head!r}",
+                       ignore_missing=lambda key: _under(key, head))
+    absent = [k for k in own if _under(k, head) and k not in state and k not in unfit]
     if absent:
         _info("head %s not in %s: freshly initialised", _listing(absent), path)
-    return load
+    return state
 
 
 def apply_freeze(model: nn.Module, freeze: Union[str, list[str]]) -> list[str]:
@@ -383,12 +381,12 @@ def apply_freeze(model: nn.Module, freeze: Union[str, list[str]]) -> list[str]:
             top = [n for n, _ in model.named_children()]
             raise RecipeError(f"model.freeze: {prefix!r} matches no module of {type(model).__name__}{hint} "
                               f"(top-level modules: {_listing(top, 12)})")
-    for name, param in model.named_parameters():
-        if _under(name, prefixes):
-            param.requires_grad_(False)
-    trainable, total = count_parameters(model)
-    if trainable == 0:
+    params = [p for n, p in model.named_parameters() if _under(n, prefixes)]
+    if len(params) == len(list(model.parameters())):
         raise RecipeError(f"model.freeze: {freeze!r} freezes every parameter; nothing is left to train")
+    for param in params:
+        param.requires_grad_(False)
+    trainable, total = count_parameters(model)
     _info("frozen: %s; %s of %s parameters trainable", ", ".join(prefixes), f"{trainable:,}", f"{total:,}")
     return prefixes
 

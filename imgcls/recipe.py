@@ -46,6 +46,7 @@ class AugmentConfig(Section):
 HUB_KEYS = {"dataset", "config", "revision"}
 FOLDER_KEYS = {"root"}
 LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names"}
+FOREIGN_KEYS = {"hub": FOLDER_KEYS | LIST_KEYS, "folder": HUB_KEYS | LIST_KEYS, "listfile": HUB_KEYS}
 
 
 class DataConfig(Section):
@@ -101,8 +102,7 @@ class DataConfig(Section):
             problems.append(f"mean and std need {self.channels} values (one per channel)")
         if any(s <= 0 for s in self.std):
             problems.append("std values must be > 0")
-        foreign = {"hub": FOLDER_KEYS | LIST_KEYS, "folder": HUB_KEYS | LIST_KEYS,
-                   "listfile": HUB_KEYS}[self.source] & self.model_fields_set
+        foreign = FOREIGN_KEYS[self.source] & self.model_fields_set
         if foreign:
             problems.append(f"{sorted(foreign)} do not apply to source = {self.source!r}")
         if self.source == "hub" and not self.dataset:
@@ -301,7 +301,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    return tomli_w.dumps(recipe.model_dump(mode="json"))
+    """The resolved recipe; keys of other data sources are left out, so that it loads back to the same Recipe."""
+    tree = recipe.model_dump(mode="json")
+    tree["data"] = {k: v for k, v in tree["data"].items() if k not in FOREIGN_KEYS[recipe.data.source]}
+    return tomli_w.dumps(tree)
 
 
 def recipe_diff(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:

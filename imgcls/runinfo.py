@@ -21,7 +21,7 @@ SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "t
 
 
 def new_run_dir(recipe: Recipe) -> Path:
-    base = Path(recipe.checkpoint.output_dir) / recipe.name
+    base = Path(recipe.checkpoint.output_dir).resolve() / recipe.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run, k = base / stamp, 1
     while run.exists():

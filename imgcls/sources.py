@@ -108,7 +108,8 @@ def _hub_columns(cfg: DataConfig, features) -> tuple[str, str]:
     label_col = label_col or next((c for c in ("label", "labels", "target") if c in cols), "")
     for key, col in (("image_column", image_col), ("label_column", label_col)):
         if not col or col not in cols:
-            raise DataError(f"data.{key}: {col or 'no column'} found in {cfg.dataset!r}; its columns are {cols}. "
+            raise DataError(f"data.{key}: {f'{col!r} not found' if col else 'no column found'} in {cfg.dataset!r}; "
+                            f"its columns are {cols}. "
                             f"Set data.{key} = \"<column>\".")
     return image_col, label_col
 
@@ -139,7 +140,7 @@ def _hub_split(name: str, ds, image_col: str, label_col: str, dataset: str) -> S
 def _scan_classes(folder: Path, exts: set[str]) -> dict[str, list[str]]:
     classes = {}
     with os.scandir(folder) as it:
-        class_dirs = sorted(e for e in it if e.is_dir() and not e.name.startswith("."))
+        class_dirs = sorted((e for e in it if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
     for entry in class_dirs:
         files = []
         for dirpath, _, names in os.walk(entry.path):

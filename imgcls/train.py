@@ -263,8 +263,9 @@ def train_epoch(recipe, plan, accelerator, model, optimizer, scheduler, train_lo
     loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch \
         else train_loader
     bar = tqdm(total=micro_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
-    window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.perf_counter()}
+               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True,
+               leave=False)
+    window = {"images": 0, "wait": 0.0, "t0": time.perf_counter()}
     fetched = time.perf_counter()
     for images, labels in loader:
         window["wait"] += time.perf_counter() - fetched
@@ -282,8 +283,8 @@ def train_epoch(recipe, plan, accelerator, model, optimizer, scheduler, train_lo
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         state.batch_in_epoch += 1
-        window["loss"] += loss.detach().float().item()
-        window["n"] += 1
+        state.window_loss += loss.detach().float().item()
+        state.window_batches += 1
         window["images"] += images.shape[0] * accelerator.num_processes
         bar.update(1)
         if accelerator.sync_gradients:
@@ -304,7 +305,7 @@ def train_epoch(recipe, plan, accelerator, model, optimizer, scheduler, train_lo
 
 
 def log_train_window(accelerator, scheduler, state, runlog, window, bar) -> None:
-    loss = torch.tensor([window["loss"] / max(window["n"], 1)], device=accelerator.device)
+    loss = torch.tensor([state.window_loss / max(state.window_batches, 1)], device=accelerator.device)
     loss = accelerator.reduce(loss, reduction="mean").item() if accelerator.num_processes > 1 else loss.item()
     elapsed = time.perf_counter() - window["t0"]
     values = {"epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
@@ -312,7 +313,8 @@ def log_train_window(accelerator, scheduler, state, runlog, window, bar) -> None
               "data_wait_fraction": window["wait"] / max(elapsed, 1e-9)}
     runlog.log("train", state.step, values)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.0f}")
-    window.update(loss=0.0, n=0, images=0, wait=0.0, t0=time.perf_counter())
+    state.window_loss, state.window_batches = 0.0, 0
+    window.update(images=0, wait=0.0, t0=time.perf_counter())
 
 
 def end_of_epoch(recipe, plan, accelerator, model, val_loader, state, runlog, run_dir) -> bool:

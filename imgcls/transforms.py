@@ -51,8 +51,9 @@ class Preprocess:
         """Any PIL mode (P, RGBA, I;16, CMYK, ...) to the model's channels."""
         if image.mode == self.mode:
             return image
-        if image.mode in ("I;16", "I", "F") and self.mode == "L":
-            return image.point(lambda v: v / 256).convert("L") if image.mode != "F" else image.convert("L")
+        if image.mode in ("I;16", "I", "F"):  # 16-bit gray: scale to 8 bits first, or RGB would clip to white
+            gray = image.point(lambda v: v / 256).convert("L") if image.mode != "F" else image.convert("L")
+            return gray.convert(self.mode)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -1,0 +1,63 @@
+"""Running the trainer from tests: in-process or as a real subprocess, and reading its run directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from imgcls.train import main as train_main
+
+VOLATILE = {"time", "images_per_s", "data_wait_fraction"}
+
+
+def train_inprocess(recipe: Path, *args: str) -> int:
+    return train_main([str(recipe), *args])
+
+
+def train_cmd(recipe: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "imgcls.train", str(recipe), *args]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_train(recipe: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(recipe, *args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd=recipe.parent)
+
+
+def only_run(runs: Path, name: str = "tiny") -> Path:
+    found = [p for p in (runs / name).iterdir() if p.is_dir()]
+    assert len(found) == 1, f"expected one run dir, found {found}"
+    return found[0]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock values, for comparing runs."""
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in metrics_rows(run_dir)]
+
+
+def weights(artifact: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(artifact / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def relative_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}

@@ -1,0 +1,419 @@
+"""Data sources and splits: image folders, list files, hub-layout parquet, the hub offline, bad input,
+seeded augmentation, and the classic MNIST carve on the real data."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA, needs_real_data, write_class_folders
+from imgcls.data import ImageDataset, build_splits, make_datasets
+from imgcls.recipe import DataConfig
+from imgcls.sources import DataError
+from imgcls.transforms import Preprocess
+
+GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
+RGB = dict(image_size=(16, 16), channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def data_cfg(**kw) -> DataConfig:
+    return DataConfig(**{**GRAY, **kw})
+
+
+def paths(split) -> list[str]:
+    return [split.describe(i) for i in split.indices]
+
+
+def check_labels_follow_folders(split, class_names):
+    for k, i in enumerate(split.indices):
+        assert Path(split.describe(i)).parent.name == class_names[split.label(k)]
+
+
+# ---------------------------------------------------------------- image folder
+@pytest.mark.parametrize("val_dir", ["val", "validation", "valid"])
+def test_folder_splits_with_val_synonyms(tmp_path, val_dir):
+    root = tmp_path / "imgs"
+    write_class_folders(root / "train", ["dog", "cat", "emu"], 6)
+    write_class_folders(root / val_dir, ["cat", "dog", "emu"], 3)
+    write_class_folders(root / "test", ["emu", "cat"], 2)       # a class may be absent from test
+    s = build_splits(data_cfg(source="folder", root=str(root)))
+    assert s.class_names == ["cat", "dog", "emu"]
+    assert (len(s.train), len(s.val), len(s.test)) == (18, 9, 4)
+    assert s.sizes() == "train 18 / val 9 / test 4"
+    assert Counter(s.train.labels) == {0: 6, 1: 6, 2: 6}
+    assert Counter(s.test.labels) == {0: 2, 2: 2}
+    assert all(f"/{val_dir}/" in p for p in paths(s.val))
+    for split in (s.train, s.val, s.test):
+        check_labels_follow_folders(split, s.class_names)
+
+
+def test_image_folder_fixture(image_folder):
+    s = build_splits(data_cfg(source="folder", root=str(image_folder)))
+    assert s.class_names == ["a", "b", "c", "d"]
+    assert (len(s.train), len(s.val), len(s.test)) == (160, 40, 40)
+
+
+def test_val_class_not_in_train_is_an_error(tmp_path):
+    root = tmp_path / "imgs"
+    write_class_folders(root / "train", ["a", "b"], 2)
+    write_class_folders(root / "val", ["a", "zebra"], 2)
+    with pytest.raises(DataError) as e:
+        build_splits(data_cfg(source="folder", root=str(root)))
+    assert str(e.value) == f"{root}/val: classes ['zebra'] are not in the train split (train has ['a', 'b'])"
+
+
+@pytest.fixture
+def one_folder(tmp_path) -> Path:
+    """Classes directly under root (no train/): 2 x 10 images; val must be carved."""
+    return write_class_folders(tmp_path / "flat", ["x", "y"], 10)
+
+
+def carve(root: Path, **kw):
+    return build_splits(data_cfg(source="folder", root=str(root), val_fraction=0.25, **kw))
+
+
+def test_one_folder_random_val(one_folder):
+    s = carve(one_folder, val_pick="random", split_seed=7)
+    assert s.class_names == ["x", "y"]
+    assert (len(s.train), len(s.val), s.test) == (15, 5, None)
+    assert set(s.train.indices).isdisjoint(s.val.indices)
+    assert sorted(s.train.indices + s.val.indices) == list(range(20))
+    assert s.val.indices != list(range(5))                        # random, not the first ones
+    again = carve(one_folder, val_pick="random", split_seed=7)
+    assert (again.train.indices, again.val.indices) == (s.train.indices, s.val.indices)
+    other = carve(one_folder, val_pick="random", split_seed=8)
+    assert other.val.indices != s.val.indices
+    assert len(other.val) == 5
+    check_labels_follow_folders(s.val, s.class_names)
+
+
+def test_one_folder_first_val(one_folder):
+    s = carve(one_folder, val_pick="first")
+    assert s.val.indices == [0, 1, 2, 3, 4]
+    assert s.train.indices == list(range(5, 20))
+    assert paths(s.val) == [str(one_folder / "x" / f"{i:04d}.png") for i in range(5)]
+    assert s.val.labels[:5] == [0] * 5
+
+
+def test_val_size_wins_over_fraction(one_folder):
+    s = build_splits(data_cfg(source="folder", root=str(one_folder), val_size=3, val_fraction=0.5))
+    assert (len(s.train), len(s.val)) == (17, 3)
+
+
+def test_impossible_carve(one_folder):
+    with pytest.raises(DataError) as e:
+        build_splits(data_cfg(source="folder", root=str(one_folder), val_size=20))
+    assert str(e.value).startswith("data.val_size/val_fraction: carving 20 of 20 training images for val is "
+                                   "impossible")
+
+
+@pytest.fixture
+def mixed_formats(tmp_path) -> Path:
+    root = tmp_path / "formats"
+    exts = (".png", ".jpg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+    write_class_folders(root, ["p", "q"], len(exts), exts=exts, mode="RGB")
+    Image.new("RGBA", (12, 10), (255, 0, 0, 0)).save(root / "p" / "rgba.png")           # fully transparent
+    Image.new("RGB", (12, 10), (0, 200, 0)).convert("P").save(root / "p" / "palette.png")
+    Image.new("I;16", (12, 10), 40000).save(root / "q" / "sixteen.png")
+    (root / "q" / "readme.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("spec", [GRAY, RGB], ids=["gray", "rgb"])
+def test_any_pil_format_becomes_the_model_channels(mixed_formats, spec):
+    cfg = DataConfig(source="folder", root=str(mixed_formats), val_fraction=0.25, **spec)
+    s = build_splits(cfg)
+    every = sorted(paths(s.train) + paths(s.val))
+    assert len(every) == 17                                       # 2 x 7 formats + rgba + palette + 16-bit
+    assert {Path(p).suffix for p in every} == {".png", ".jpg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+    assert not any(p.endswith("readme.txt") for p in every)
+    ds = make_datasets(s, cfg, seed=0)
+    for name in ("train", "val"):
+        for k in range(len(ds[name])):
+            x, y = ds[name][k]
+            assert x.shape == (spec["channels"], 16, 16) and x.dtype == torch.float32
+            assert y in (0, 1)
+
+
+def test_alpha_is_composited_on_white():
+    pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", **RGB))
+    rgb = pre.convert(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+    x = pre.eval_transform()(rgb)
+    assert torch.equal(x, torch.ones(3, 16, 16))                  # (1 - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("spec, pixel", [(GRAY, 156), (RGB, (156, 156, 156))], ids=["gray", "rgb"])
+def test_16_bit_gray_is_scaled_not_clipped(tmp_path, spec, pixel):
+    Image.new("I;16", (4, 4), 40000).save(tmp_path / "sixteen.png")   # 40000 / 256 = 156
+    pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", **spec))
+    with Image.open(tmp_path / "sixteen.png") as im:
+        assert pre.convert(im).getpixel((0, 0)) == pixel
+
+
+# ---------------------------------------------------------------- list file
+@pytest.fixture
+def list_root(tmp_path) -> Path:
+    root = tmp_path / "ds"
+    write_class_folders(root / "imgs", ["cat", "dog"], 4)
+    return root
+
+
+def listfile(root: Path, **kw):
+    return build_splits(data_cfg(source="listfile", root=str(root), separator="----", **kw))
+
+
+def test_list_file_indices_names_comments(list_root):
+    (list_root / "train.txt").write_text("# path----label\n\nimgs/cat/0000.png----0\nimgs/dog/0000.png----1\n"
+                                         "  # indented comment\nimgs/cat/0001.png----cat\nimgs/dog/0001.png----dog\n")
+    (list_root / "val.txt").write_text("imgs/dog/0002.png----dog\n\nimgs/cat/0002.png----0\n")
+    (list_root / "test.txt").write_text("imgs/cat/0003.png----cat\n")
+    s = listfile(list_root, train_list="train.txt", val_list="val.txt", test_list="test.txt",
+                 class_names=["cat", "dog"])
+    assert s.class_names == ["cat", "dog"]
+    assert (len(s.train), len(s.val), len(s.test)) == (4, 2, 1)
+    assert s.train.labels == [0, 1, 0, 1]
+    assert s.val.labels == [1, 0]
+    assert s.test.labels == [0]
+    assert paths(s.train) == [str(list_root / "imgs" / p) for p in
+                              ("cat/0000.png", "dog/0000.png", "cat/0001.png", "dog/0001.png")]
+
+
+def test_list_file_index_labels_without_class_names(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png----0\nimgs/dog/0000.png----2\nimgs/cat/0001.png----0\n"
+                                         "imgs/dog/0001.png----2\n")
+    s = listfile(list_root, train_list="train.txt", val_fraction=0.5, val_pick="first")
+    assert s.class_names == ["0", "1", "2"]
+    assert s.val.labels[:2] == [0, 2] and [s.val.label(k) for k in range(2)] == [0, 2]
+    assert [s.train.label(k) for k in range(2)] == [0, 2]
+
+
+def test_list_file_default_separator_is_a_space(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png 0\nimgs/dog/0000.png 1\n")
+    (list_root / "val.txt").write_text("imgs/dog/0001.png 1\n")
+    s = build_splits(data_cfg(source="listfile", root=str(list_root), train_list="train.txt", val_list="val.txt"))
+    assert (s.train.labels, s.val.labels) == ([0, 1], [1])
+
+
+def test_list_file_unknown_label_names_file_and_line(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png----cat\n\nimgs/dog/0000.png----zebra\n")
+    with pytest.raises(DataError) as e:
+        listfile(list_root, train_list="train.txt", class_names=["cat", "dog"])
+    assert "train.txt:3: label 'zebra' is not a known class" in str(e.value)
+    assert "classes: ['cat', 'dog']" in str(e.value)
+    assert "data.class_names" in str(e.value)
+
+
+def test_list_file_index_out_of_range_is_unknown(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png----0\nimgs/dog/0000.png----5\n")
+    with pytest.raises(DataError, match=r"train.txt:2: label '5' is not a known class"):
+        listfile(list_root, train_list="train.txt", class_names=["cat", "dog"])
+
+
+def test_list_file_missing_image(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png----0\nimgs/cat/0009.png----0\n")
+    with pytest.raises(DataError) as e:
+        listfile(list_root, train_list="train.txt")
+    assert str(e.value) == f"{list_root / 'train.txt'}:2: image {list_root / 'imgs/cat/0009.png'} does not exist"
+
+
+def test_list_file_malformed_line(list_root):
+    (list_root / "train.txt").write_text("imgs/cat/0000.png----0\n# ok\nimgs/cat/0001.png 0\n")
+    with pytest.raises(DataError) as e:
+        listfile(list_root, train_list="train.txt")
+    assert str(e.value) == (f"{list_root / 'train.txt'}:3: expected '<path>----<label>', got 'imgs/cat/0001.png 0' "
+                            f"(data.separator = '----')")
+
+
+def test_list_file_not_found(list_root):
+    with pytest.raises(DataError) as e:
+        listfile(list_root, train_list="nope.txt")
+    assert str(e.value) == f"list file {list_root / 'nope.txt'}: not found"
+
+
+# ---------------------------------------------------------------- hub layout (local parquet)
+def hub_cfg(path, **kw) -> DataConfig:
+    return data_cfg(source="hub", dataset=str(path), **kw)
+
+
+def test_hub_layout_columns_classes_and_carved_val(hub_folder):
+    s = build_splits(hub_cfg(hub_folder, val_size=20, val_pick="first"))
+    assert s.class_names == ["zero", "one", "two", "three"]
+    assert (len(s.train), len(s.val), len(s.test)) == (140, 20, 40)
+    assert [s.val.label(k) for k in range(20)] == [i % 4 for i in range(20)]
+    assert Counter(s.test.labels) == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert s.train.describe(s.train.indices[0]) == f"{hub_folder} [train] row 20"
+    image = s.train.open(s.train.indices[0])
+    assert image.size == (16, 16) and image.mode == "L"
+
+
+def test_hub_layout_random_val_fraction(hub_folder):
+    s = build_splits(hub_cfg(hub_folder, val_fraction=0.25, split_seed=3))
+    assert (len(s.train), len(s.val)) == (120, 40)
+    assert set(s.train.indices).isdisjoint(s.val.indices)
+
+
+@pytest.mark.parametrize("key, value", [("image_column", "img"), ("label_column", "y")])
+def test_hub_missing_column_names_the_columns(hub_folder, key, value):
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg(hub_folder, **{key: value}))
+    assert str(e.value) == (f"data.{key}: '{value}' not found in '{hub_folder}'; its columns are ['image', 'label']. "
+                            f"Set data.{key} = \"<column>\".")
+
+
+def test_hub_unknown_val_split_lists_splits(hub_folder):
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg(hub_folder, val_split="nope"))
+    assert str(e.value) == "data.val_split = 'nope': no such split; available: ['test', 'train']"
+
+
+def test_hub_explicit_splits(hub_folder):
+    s = build_splits(hub_cfg(hub_folder, val_split="test", test_split="test"))
+    assert (len(s.train), len(s.val), len(s.test)) == (160, 40, 40)
+
+
+def test_hub_local_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg(tmp_path / "nowhere"))
+    assert str(e.value) == f"data.dataset = '{tmp_path / 'nowhere'}': no such folder"
+
+
+def test_hub_unreachable_says_how_to_use_a_local_copy(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # conftest sets HF_HUB_OFFLINE=1; make sure modules imported before it see it too (no network waits)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg("someone/not-cached"))
+    text = str(e.value)
+    assert text.startswith("data.dataset = 'someone/not-cached': could not load it from the Hugging Face hub and "
+                           "it is not in the local cache")
+    assert 'data.dataset="' in text and 'data.source="folder"' in text
+    assert "HF_HUB_OFFLINE=1" in text
+    assert "\n" not in text and "Traceback" not in text
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+# ---------------------------------------------------------------- bad input
+def test_root_that_does_not_exist(tmp_path):
+    for source, extra in (("folder", {}), ("listfile", {"train_list": "t.txt"})):
+        with pytest.raises(DataError) as e:
+            build_splits(data_cfg(source=source, root=str(tmp_path / "missing"), **extra))
+        assert str(e.value) == f"data.root = '{tmp_path / 'missing'}': no such folder"
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_class_folders(tmp_path / "imgs" / "train", ["a", "b"], 3).parent
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError) as e:
+        build_splits(data_cfg(source="folder", root=str(root)))
+    assert str(e.value).startswith(f"{root / 'train' / 'c'}: class folder has no images (")
+    assert str(e.value).endswith("add images or remove the folder")
+
+
+def test_folder_without_class_folders(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (4, 4)).save(tmp_path / "flat" / "loose.png")
+    with pytest.raises(DataError) as e:
+        build_splits(data_cfg(source="folder", root=str(tmp_path / "flat")))
+    assert str(e.value) == (f"{tmp_path / 'flat'}: no class folders found; "
+                            f"expected {tmp_path / 'flat'}/<class>/<image files>")
+
+
+@pytest.fixture
+def garbage_folder(tmp_path) -> Path:
+    root = tmp_path / "imgs"
+    write_class_folders(root / "train", ["a", "b"], 4)
+    write_class_folders(root / "val", ["a", "b"], 2)
+    (root / "train" / "a" / "x.png").write_bytes(b"\x89PNG but not really an image")
+    return root
+
+
+def test_unreadable_image_error_when_read(garbage_folder):
+    cfg = data_cfg(source="folder", root=str(garbage_folder), on_bad_image="error")
+    s = build_splits(cfg)                                  # indexing does not decode
+    assert len(s.train) == 9
+    bad = paths(s.train).index(str(garbage_folder / "train" / "a" / "x.png"))
+    ds = make_datasets(s, cfg, seed=0)["train"]
+    assert ds[bad - 1][0].shape == (1, 16, 16)
+    with pytest.raises(DataError) as e:
+        ds[bad]
+    text = str(e.value)
+    assert text.startswith(f"cannot read image {garbage_folder / 'train' / 'a' / 'x.png'}: ")
+    assert 'data.on_bad_image = "skip"' in text
+
+
+def test_unreadable_image_skipped_and_logged(garbage_folder, caplog):
+    cfg = data_cfg(source="folder", root=str(garbage_folder), on_bad_image="skip")
+    with caplog.at_level(logging.WARNING):
+        s = build_splits(cfg)
+    assert (len(s.train), len(s.val)) == (8, 4)
+    assert not any(p.endswith("x.png") for p in paths(s.train))
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1
+    assert skipped[0].startswith("train: skipped 1 unreadable image")
+    assert "x.png" in skipped[0]
+    ds = make_datasets(s, cfg, seed=0)["train"]
+    assert all(ds[k][0].shape == (1, 16, 16) for k in range(len(ds)))
+
+
+# ---------------------------------------------------------------- augmentation determinism
+def test_train_augmentation_depends_only_on_seed_epoch_index(tmp_path):
+    root = write_class_folders(tmp_path / "imgs", ["a", "b"], 3)
+    cfg = data_cfg(source="folder", root=str(root), val_size=2, val_pick="first",
+                   augment={"crop_padding": 4, "hflip": 0.5})
+    s = build_splits(cfg)
+
+    def train_ds(seed: int = 0) -> ImageDataset:
+        return make_datasets(s, cfg, seed=seed)["train"]
+
+    ds = train_ds()
+    n = len(ds)
+    assert n == 4
+    forward = [ds[k][0] for k in range(n)]
+    backward = [ds[k][0] for k in reversed(range(n))][::-1]
+    torch.manual_seed(123)                                  # the global RNG state does not matter ...
+    alone = train_ds()[2][0]
+    state = torch.get_rng_state()
+    train_ds()[1]
+    assert torch.equal(torch.get_rng_state(), state)         # ... and is not consumed
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    assert torch.equal(alone, forward[2])
+
+    ds.set_epoch(1)
+    epoch1 = [ds[k][0] for k in range(n)]
+    assert not all(torch.equal(a, b) for a, b in zip(forward, epoch1))
+    ds.set_epoch(0)
+    assert all(torch.equal(ds[k][0], forward[k]) for k in range(n))
+
+    other_seed = train_ds(seed=1)
+    assert not all(torch.equal(other_seed[k][0], forward[k]) for k in range(n))
+
+    plain = make_datasets(s, cfg, seed=0)["val"]              # evaluation never augments
+    assert plain.seed is None
+    assert torch.equal(plain[0][0], plain[0][0])
+
+
+# ---------------------------------------------------------------- real MNIST
+@needs_real_data
+def test_mnist_classic_carve_first_5000():
+    s = build_splits(DataConfig(source="hub", dataset=str(SHARED_DATA / "mnist"), val_size=5000, val_pick="first",
+                                image_size=(28, 28), channels=1, mean=[0.1307], std=[0.3081]))
+    assert (len(s.train), len(s.val), len(s.test)) == (55000, 5000, 10000)
+    assert s.class_names == [str(d) for d in range(10)]
+    assert s.val.indices == list(range(5000))
+    assert s.train.indices == list(range(5000, 60000))
+    val = Counter(s.val.label(k) for k in range(len(s.val)))
+    assert [val[c] for c in range(10)] == [479, 563, 488, 493, 535, 434, 501, 550, 462, 495]
+    test = Counter(s.test.labels[i] for i in s.test.indices)
+    assert [test[c] for c in range(10)] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    train = Counter(s.train.label(k) for k in range(len(s.train)))
+    full = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert [train[c] for c in range(10)] == [f - v for f, v in zip(full, [val[c] for c in range(10)])]

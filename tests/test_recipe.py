@@ -1,0 +1,279 @@
+"""The recipe schema: every kind of error has its exact text, overrides, round trip, shipped recipes, diff."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_recipe
+from imgcls.recipe import Recipe, RecipeError, load_recipe, recipe_diff, recipe_to_toml
+
+RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+HUB_DATA = 'source = "hub"\ndataset = "someone/tiny"'
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return write_recipe(tmp_path / "tiny.toml", HUB_DATA)
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def minimal(tmp_path: Path, extra: str = "", data: str = 'dataset = "someone/tiny"') -> Path:
+    return write(tmp_path, f'name = "x"\n[data]\n{data}\n{extra}\n')
+
+
+def problems(path: Path, overrides: list[str] = ()) -> tuple[str, list[str]]:
+    """Load a recipe that must fail: (first line, [problem lines without the '  - ' bullet])."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, overrides)
+    head, *rest = str(e.value).split("\n")
+    assert all(line.startswith("  - ") for line in rest), str(e.value)
+    return head, [line[4:] for line in rest]
+
+
+def one_problem(path: Path, overrides: list[str] = ()) -> str:
+    head, found = problems(path, overrides)
+    assert head == f"{path}: 1 problem in the recipe:"
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ---------------------------------------------------------------- error texts
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    path = minimal(tmp_path, "[train]\nepoch = 3")
+    assert one_problem(path) == "train.epoch: unknown key; did you mean 'epochs'?"
+
+
+def test_unknown_key_in_nested_table_suggests_from_that_table(tmp_path):
+    path = minimal(tmp_path, "[data.augment]\nhflp = 0.5")
+    assert one_problem(path) == "data.augment.hflp: unknown key; did you mean 'hflip'?"
+
+
+def test_unknown_top_level_section(tmp_path):
+    assert one_problem(minimal(tmp_path, "[trian]\nepochs = 3")) == "trian: unknown key; did you mean 'train'?"
+    assert one_problem(minimal(tmp_path, "[zzz]\nq = 1")) == (
+        "zzz: unknown key; known keys: name, seed, data, model, optim, schedule, train, checkpoint, tracking, export")
+
+
+def test_wrong_type(tmp_path):
+    assert one_problem(minimal(tmp_path, '[train]\nepochs = "ten"')) == (
+        "train.epochs: Input should be a valid integer, unable to parse string as an integer (got 'ten')")
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path):
+    assert one_problem(minimal(tmp_path, '[optim]\nname = "adam"')) == (
+        "optim.name: Input should be 'sgd' or 'adamw' (got 'adam')")
+
+
+def test_out_of_range(tmp_path):
+    assert one_problem(minimal(tmp_path, "[train]\nglobal_batch_size = 0")) == (
+        "train.global_batch_size: Input should be greater than or equal to 1 (got 0)")
+    assert one_problem(minimal(tmp_path, "[data.augment]\nhflip = 1.5")) == (
+        "data.augment.hflip: Input should be less than or equal to 1 (got 1.5)")
+
+
+def test_missing_required_name(tmp_path):
+    path = write(tmp_path, '[data]\ndataset = "someone/tiny"\n')
+    assert one_problem(path) == "name: required key is missing"
+
+
+def test_name_must_be_a_folder_name(tmp_path):
+    path = write(tmp_path, 'name = "a/b"\n[data]\ndataset = "someone/tiny"\n')
+    assert one_problem(path) == "name: must be a plain folder name (it names runs/<name>/) (got 'a/b')"
+
+
+def test_several_problems_are_one_error_listing_all(tmp_path):
+    path = minimal(tmp_path, '[train]\nepoch = 3\nglobal_batch_size = 0\n[optim]\nname = "adam"\n[trian]\nx = 1')
+    head, found = problems(path)
+    assert head == f"{path}: 4 problems in the recipe:"
+    assert sorted(found) == sorted([
+        "train.epoch: unknown key; did you mean 'epochs'?",
+        "train.global_batch_size: Input should be greater than or equal to 1 (got 0)",
+        "optim.name: Input should be 'sgd' or 'adamw' (got 'adam')",
+        "trian: unknown key; did you mean 'train'?",
+    ])
+
+
+def test_error_names_the_recipe_file(tmp_path):
+    path = write(tmp_path, 'name = "x"\n[data]\ndataset = "a"\n[train]\nepochs = 0\n', name="my_experiment.toml")
+    with pytest.raises(RecipeError, match="my_experiment.toml: 1 problem in the recipe:"):
+        load_recipe(path)
+    assert str(path) in problems(path)[0]
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value) == f"{path}: recipe file not found"
+
+
+def test_invalid_toml(tmp_path):
+    path = write(tmp_path, 'name = "x"\n[data\ndataset = "a"\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}: not valid TOML: ")
+    assert "line 2" in str(e.value)
+
+
+@pytest.mark.parametrize("data, expected", [
+    ('source = "hub"', "data: source = 'hub' needs dataset = '<hub name or local folder>'"),
+    ('source = "folder"', "data: source = 'folder' needs root = '<folder>'"),
+    ('source = "listfile"\nroot = "d"', "data: source = 'listfile' needs train_list = '<file>'"),
+    ('source = "hub"\ndataset = "a"\ntrain_list = "t.txt"', "data: ['train_list'] do not apply to source = 'hub'"),
+    ('source = "hub"\ndataset = "a"\nroot = "r"\nseparator = "----"',
+     "data: ['root', 'separator'] do not apply to source = 'hub'"),
+    ('source = "folder"\nroot = "r"\ndataset = "a"', "data: ['dataset'] do not apply to source = 'folder'"),
+    ('source = "listfile"\nroot = "r"\ntrain_list = "t"\nrevision = "main"',
+     "data: ['revision'] do not apply to source = 'listfile'"),
+    ('dataset = "a"\nchannels = 1', "data: mean and std need 1 values (one per channel)"),
+    ('dataset = "a"\nmean = [0.5]\nstd = [0.5]', "data: mean and std need 3 values (one per channel)"),
+    ('dataset = "a"\nstd = [0.2, 0.0, 0.2]', "data: std values must be > 0"),
+])
+def test_data_source_consistency(tmp_path, data, expected):
+    assert one_problem(minimal(tmp_path, data=data)) == expected
+
+
+def test_data_problems_are_reported_together(tmp_path):
+    path = minimal(tmp_path, data='source = "hub"\nchannels = 1\nroot = "r"')
+    assert one_problem(path) == ("data: mean and std need 1 values (one per channel); ['root'] do not apply to "
+                                 "source = 'hub'; source = 'hub' needs dataset = '<hub name or local folder>'")
+
+
+@pytest.mark.parametrize("model, expected", [
+    ('train_mode = "finetune"', "model: train_mode = 'finetune' needs weights = '<file or artifact dir>'"),
+    ('train_mode = "update"', "model: train_mode = 'update' needs weights = '<file or artifact dir>'"),
+    ('weights = "w.pth"', "model: weights is set but train_mode = 'fromscratch'; use 'finetune' or 'update'"),
+])
+def test_model_train_mode_vs_weights(tmp_path, model, expected):
+    assert one_problem(minimal(tmp_path, f"[model]\n{model}")) == expected
+
+
+def test_finetune_with_weights_is_valid(tmp_path):
+    r = load_recipe(minimal(tmp_path, '[model]\ntrain_mode = "finetune"\nweights = "w.pth"'))
+    assert (r.model.train_mode, r.model.weights) == ("finetune", "w.pth")
+
+
+def test_recipe_is_frozen(tiny):
+    r = load_recipe(tiny)
+    with pytest.raises(Exception, match="frozen"):
+        r.train.epochs = 99
+
+
+# ---------------------------------------------------------------- overrides
+def test_precedence_defaults_file_override(tiny):
+    r = load_recipe(tiny)
+    assert r.train.epochs == 3                     # file (default is 10)
+    assert r.train.grad_accum_steps == 1           # default, not in the file
+    assert r.optim.lr == 0.1
+    r = load_recipe(tiny, ["train.epochs=7", "train.grad_accum_steps=2", "optim.lr=0.05"])
+    assert (r.train.epochs, r.train.grad_accum_steps, r.optim.lr) == (7, 2, 0.05)
+    assert r.train.global_batch_size == 16         # untouched file value survives
+
+
+def test_later_override_wins(tiny):
+    assert load_recipe(tiny, ["train.epochs=4", "train.epochs=6"]).train.epochs == 6
+
+
+def test_override_values_are_toml(tiny):
+    r = load_recipe(tiny, ["train.epochs=3", "data.image_size=[32,32]", "model.args={width=8}",
+                           "optim.name=adamw", 'tracking.notes="quoted"', "train.label_smoothing=0.1",
+                           "train.calibrate=false", "data.dataset=someone/other"])
+    assert r.train.epochs == 3 and type(r.train.epochs) is int
+    assert r.data.image_size == (32, 32)
+    assert r.model.args == {"width": 8}            # a table value replaces the whole table
+    assert r.optim.name == "adamw"                 # a bare word is a string
+    assert r.tracking.notes == "quoted"
+    assert r.train.label_smoothing == 0.1
+    assert r.train.calibrate is False
+    assert r.data.dataset == "someone/other"
+
+
+def test_override_dotted_key_merges_into_table(tiny):
+    r = load_recipe(tiny, ["model.args.width=4"])
+    assert r.model.args == {"width": 4, "dropout": 0.0}
+
+
+def test_override_nested_table_created(tiny):
+    r = load_recipe(tiny, ["data.augment.hflip=0.5", "data.augment.crop_padding=2"])
+    assert (r.data.augment.hflip, r.data.augment.crop_padding) == (0.5, 2)
+    assert r.data.augment.rotation == 0.0
+    r = load_recipe(tiny, ["export.formats=['onnx']"])   # a section absent from the file
+    assert r.export.formats == ["onnx"]
+
+
+@pytest.mark.parametrize("bad", ["trainepochs", "=3"])
+def test_malformed_override(tiny, bad):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tiny, [bad])
+    assert str(e.value) == f"override {bad!r}: expected section.key=value, e.g. train.epochs=3"
+
+
+def test_override_into_a_value(tiny):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tiny, ["name.x=3"])
+    assert str(e.value) == "override 'name.x=3': 'name' is a value, not a table"
+
+
+def test_override_that_makes_recipe_invalid(tiny):
+    assert one_problem(tiny, ["train.epochs=0"]) == "train.epochs: Input should be greater than or equal to 1 (got 0)"
+    assert one_problem(tiny, ["train.epoch=3"]) == "train.epoch: unknown key; did you mean 'epochs'?"
+    assert one_problem(tiny, ["optim.name=adam"]) == "optim.name: Input should be 'sgd' or 'adamw' (got 'adam')"
+    head, found = problems(tiny, ["train.epochs=ten", "data.channels=3"])
+    assert head == f"{tiny}: 2 problems in the recipe:"
+    assert sorted(found) == ["data: mean and std need 3 values (one per channel)",
+                             "train.epochs: Input should be a valid integer, unable to parse string as an integer "
+                             "(got 'ten')"]
+
+
+# ---------------------------------------------------------------- round trip and shipped recipes
+def roundtrip(r: Recipe, tmp_path: Path) -> Recipe:
+    return load_recipe(write(tmp_path, recipe_to_toml(r), name="resolved.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipe_round_trips(path, tmp_path):
+    r = load_recipe(path)
+    again = roundtrip(r, tmp_path)
+    assert again == r
+    assert recipe_diff(r, again) == {}
+
+
+def test_round_trip_keeps_overrides_and_nondefaults(tiny, tmp_path):
+    r = load_recipe(tiny, ["data.augment.hflip=0.5", "model.train_mode=finetune", "model.weights=w.pth",
+                           "model.freeze=['layer1']", "tracking.backends=['tensorboard']"])
+    assert roundtrip(r, tmp_path) == r
+
+
+def test_shipped_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"mnist.toml", "fashion_mnist.toml", "imagefolder_resnet18.toml",
+                                         "listfile.toml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipe_validates_and_names_its_run_command(path):
+    r = load_recipe(path)
+    assert r.name == path.stem
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ")
+    header = [line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
+    assert any(f"imgcls.train recipes/{path.name}" in line for line in header), header
+
+
+# ---------------------------------------------------------------- diff
+def test_recipe_diff_names_exactly_the_changed_keys(tiny):
+    a = load_recipe(tiny)
+    b = load_recipe(tiny, ["train.epochs=5", "data.augment.hflip=0.5", "model.args.width=4", "optim.name=adamw",
+                           "train.epochs=3"])   # back to the file value: not a change
+    assert recipe_diff(a, b) == {
+        "data.augment.hflip": (0.0, 0.5),
+        "model.args": ({"width": 8, "dropout": 0.0}, {"width": 4, "dropout": 0.0}),
+        "optim.name": ("sgd", "adamw"),
+    }
+    assert recipe_diff(a, a) == {}
+    assert recipe_diff(b, a) == {k: (new, old) for k, (old, new) in recipe_diff(a, b).items()}

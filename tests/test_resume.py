@@ -1,0 +1,119 @@
+"""Exact resume: a run killed mid-epoch and resumed ends bit-identical to a run that never stopped."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
+                     train_inprocess, weights)
+from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
+from imgcls.train import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+
+
+def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1) -> Path:
+    # augmentation and dropout on, so RNG state and data position both matter
+    data = f'source = "folder"\nroot = "{image_folder}"'
+    extra = "every_steps = 3\nkeep_last = 3"
+    recipe = write_recipe(tmp_path / f"{runs}.toml", data, extra, output_dir=tmp_path / runs)
+    text = recipe.read_text().replace("dropout = 0.0", "dropout = 0.2")
+    text = text.replace("[model]", "[data.augment]\ncrop_padding = 2\nhflip = 0.5\n[model]")
+    recipe.write_text(text.replace("[train]", f"[train]\ngrad_accum_steps = {accum}"))
+    return recipe
+
+
+def _wait_for_checkpoint(runs: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()}")
+        if list(runs.glob(f"tiny/*/checkpoints/step-{step:07d}/{MARKER}")):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint at step {step} within {limit}s")
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, accum):
+    straight = _recipe(tmp_path, image_folder, "a", accum)
+    assert train_inprocess(straight) == 0
+    run_a = only_run(tmp_path / "a")
+
+    killed = _recipe(tmp_path, image_folder, "b", accum)
+    proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=tmp_path)
+    _wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_b = only_run(tmp_path / "b")
+    assert not (run_b / "results.json").exists()
+    newest = complete_checkpoints(run_b)[-1]
+    assert int(newest.name.split("-")[1]) % 10 != 0, "the kill must land inside an epoch"
+
+    done = run_train(killed, "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert only_run(tmp_path / "b") == run_b  # same run dir, same metrics.jsonl
+    for kind in ("last", "best"):
+        assert_same_weights(weights(run_a / "model" / kind), weights(run_b / "model" / kind))
+    assert stable_rows(run_a) == stable_rows(run_b)
+    assert json.loads((run_a / "results.json").read_text())["test"] == \
+        json.loads((run_b / "results.json").read_text())["test"]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_completes(tmp_path, image_folder):
+    recipe = _recipe(tmp_path, image_folder, "b")
+    proc = subprocess.Popen(train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=tmp_path)
+    _wait_for_checkpoint(tmp_path / "b", 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "--resume auto" in err
+    run = only_run(tmp_path / "b")
+    stopped_at = json.loads((complete_checkpoints(run)[-1] / "train_state.json").read_text())["step"]
+    assert stopped_at >= 6 and not (run / "results.json").exists()
+
+    done = run_train(recipe, "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert f"at epoch {stopped_at // 10}, optimizer step {stopped_at}" in done.stderr
+    assert json.loads((run / "results.json").read_text())["steps"] == 30
+
+
+def test_incomplete_checkpoint_is_never_chosen_and_is_cleaned_up(tmp_path, image_folder):
+    recipe = _recipe(tmp_path, image_folder, "b")
+    assert train_inprocess(recipe, "train.max_steps=12") == 0
+    run = only_run(tmp_path / "b")
+    newest = complete_checkpoints(run)[-1]
+    assert newest.name == "step-0000012"
+    fake = newest.with_name("step-0000099")  # looks newer, but its marker was never written
+    shutil.copytree(newest, fake)
+    (fake / MARKER).unlink()
+    half = newest.with_name(".step-0000100.tmp")  # a save that was cut off
+    shutil.copytree(newest, half)
+    assert find_resume(tmp_path / "b", "tiny") == newest
+
+    assert train_inprocess(recipe, "--resume", "auto", "train.max_steps=15") == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "step-0000099" not in names and ".step-0000100.tmp" not in names
+    assert names[-1] == "step-0000015"
+
+
+def test_resume_refuses_a_recipe_change_that_alters_the_state(tmp_path, image_folder, capsys):
+    recipe = _recipe(tmp_path, image_folder, "b")
+    assert train_inprocess(recipe, "train.max_steps=6") == 0
+    code = train_inprocess(recipe, "--resume", "auto", "optim.lr=0.5", "seed=3")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the recipe changed in ways that alter the saved state" in err
+    assert "optim.lr: 0.1 (saved) -> 0.5 (now)" in err and "seed: 0 (saved) -> 3 (now)" in err
+    # a safe change (more epochs) is accepted and the run continues
+    assert train_inprocess(recipe, "--resume", "auto", "train.epochs=4", "train.max_steps=0") == 0
+    assert json.loads((only_run(tmp_path / "b") / "results.json").read_text())["steps"] == 40
