@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from .recipe import DataConfig
 from .sources import LOADERS, TEST_NAMES, VAL_NAMES, DataError, Split
@@ -65,6 +68,23 @@ def _drop_unreadable(split: Split, preprocess: Preprocess) -> Split:
     return split.subset(split.name, keep)
 
 
+def read_image(split: Split, i: int, preprocess: Preprocess) -> Image.Image:
+    try:
+        return preprocess.convert(split.open(i))
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"cannot read image {split.describe(i)}: {e}. Fix or remove the file, or set "
+                        f"data.on_bad_image = \"skip\" to leave unreadable images out.") from None
+
+
+def decode_once(split: Split, preprocess: Preprocess) -> Split:
+    """`data.cache = "memory"`: decode every image once, in the model's channels, and keep the uint8 pixels;
+    each later read is an array copy instead of a file read and decode."""
+    pixels = {i: np.asarray(read_image(split, i, preprocess))
+              for i in tqdm(split.indices, desc=f"decoding {split.name}", disable=None, leave=False)}
+    return Split(split.name, split.labels, lambda i: Image.fromarray(pixels[i]), split.describe,
+                 list(split.indices))
+
+
 def build_splits(cfg: DataConfig) -> DataSplits:
     splits, class_names = LOADERS[cfg.source](cfg)
     if cfg.train_split not in splits:
@@ -97,11 +117,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = self.split.indices[k]
-        try:
-            image = self.preprocess.convert(self.split.open(i))
-        except Exception as e:
-            raise DataError(f"cannot read image {self.split.describe(i)}: {e}. Fix or remove the file, or set "
-                            f"data.on_bad_image = \"skip\" to leave unreadable images out.") from None
+        image = read_image(self.split, i, self.preprocess)
         if self.seed is None:
             return self.transform(image), self.split.labels[i]
         with torch.random.fork_rng(devices=[]):
@@ -111,10 +127,11 @@ class ImageDataset(Dataset):
 
 def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, ImageDataset]:
     pre = Preprocess.from_data(cfg)
-    out = {"train": ImageDataset(splits.train, pre, pre.train_transform(cfg.augment), seed),
-           "val": ImageDataset(splits.val, pre, pre.eval_transform())}
+    ready = (lambda s: decode_once(s, pre)) if cfg.cache == "memory" else (lambda s: s)
+    out = {"train": ImageDataset(ready(splits.train), pre, pre.train_transform(cfg.augment), seed),
+           "val": ImageDataset(ready(splits.val), pre, pre.eval_transform())}
     if splits.test is not None:
-        out["test"] = ImageDataset(splits.test, pre, pre.eval_transform())
+        out["test"] = ImageDataset(ready(splits.test), pre, pre.eval_transform())
     return out
 
 

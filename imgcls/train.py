@@ -313,6 +313,9 @@ def log_train_window(accelerator, scheduler, state, runlog, window, bar) -> None
               "data_wait_fraction": window["wait"] / max(elapsed, 1e-9)}
     runlog.log("train", state.step, values)
     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.0f}")
+    if bar.disable:  # no terminal (batch jobs, CI): progress goes to the log instead
+        log.info("epoch %d step %d: loss %.4f lr %.4g %.0f images/s", state.epoch, state.step, loss,
+                 values["lr"], values["images_per_s"])
     state.window_loss, state.window_batches = 0.0, 0
     window.update(images=0, wait=0.0, t0=time.perf_counter())
 

@@ -103,3 +103,22 @@ def test_hub_unreachable_and_not_cached_is_one_clear_paragraph(tmp_path, capsys)
     assert err.count("\n") == 0, err
     assert "could not load it from the Hugging Face hub and it is not in the local cache" in err
     assert 'data.dataset="/data/mnist"' in err and 'data.source="folder"' in err
+
+
+def test_memory_cache_gives_the_same_training_as_reading_files(tmp_path, image_folder):
+    """data.cache = "memory" decodes once; the pixels, and so the trained weights, are the same."""
+    from helpers import assert_same_weights, weights
+
+    for cache, runs in (("none", "a"), ("memory", "b")):
+        recipe = write_recipe(tmp_path / f"{runs}.toml", f'source = "folder"\nroot = "{image_folder}"\n'
+                              f'cache = "{cache}"', output_dir=tmp_path / runs)
+        assert train_inprocess(recipe, "train.epochs=1") == 0
+    assert_same_weights(weights(only_run(tmp_path / "a") / "model" / "last"),
+                        weights(only_run(tmp_path / "b") / "model" / "last"))
+
+
+def test_evaluate_before_train_logs_val_at_step_zero(folder_recipe, tmp_path):
+    assert train_inprocess(folder_recipe, "train.evaluate_before_train=true", "train.epochs=1") == 0
+    val = [r for r in metrics_rows(only_run(tmp_path / "runs")) if r["event"] == "val"]
+    assert [r["step"] for r in val] == [0, 10]
+    assert val[0]["n"] == 40 and val[0]["loss"] > val[1]["loss"]  # the untrained model, then the trained one

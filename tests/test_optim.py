@@ -1,0 +1,67 @@
+"""Optimizer groups and learning-rate schedules: exact values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from imgcls.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from imgcls.recipe import OptimConfig, ScheduleConfig
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(4 * 6 * 6),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+def test_weight_decay_skips_norm_layers_and_biases():
+    net = _net()
+    decay, no_decay = param_groups(net, 0.05, decay_norm_and_bias=False)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(net[0].weight), id(net[4].weight)}
+    expected = [net[0].bias, net[1].weight, net[1].bias, net[3].weight, net[3].bias, net[4].bias]
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected}
+
+
+def test_weight_decay_everywhere_when_asked_and_frozen_params_left_out():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    groups = param_groups(net, 0.05, decay_norm_and_bias=True)
+    assert len(groups) == 1 and len(groups[0]["params"]) == 7
+
+
+@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_build_optimizer(name, kind):
+    opt = build_optimizer(OptimConfig(name=name, lr=0.01, weight_decay=0.1), _net())
+    assert isinstance(opt, kind) and opt.defaults["lr"] == 0.01
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_cosine_with_warmup_values():
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    f = [lr_factor(cfg, s, steps_per_epoch=10, total_steps=30) for s in range(31)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert f[10] == pytest.approx(1.0)
+    assert f[20] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[30] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_step_decay_is_lr_times_decay_every_n_epochs():
+    cfg = ScheduleConfig(name="step", decay=0.5, decay_every_epochs=2)
+    f = [lr_factor(cfg, s, steps_per_epoch=5, total_steps=50) for s in (0, 9, 10, 19, 20, 35)]
+    assert f == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+
+
+def test_scheduler_drives_the_optimizer_lr():
+    opt = build_optimizer(OptimConfig(name="sgd", lr=0.2), _net())
+    sched = build_scheduler(ScheduleConfig(name="constant", warmup_epochs=0.5), opt, steps_per_epoch=4,
+                            total_steps=8)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1, 0.2, 0.2, 0.2])
