@@ -4,11 +4,14 @@ from __future__ import annotations
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
+from .preflight import init_distributed_state
 from .recipe import RecipeError, TrainConfig
 
 
 def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) -> Accelerator:
-    """The recipe pins precision only when `train.mixed_precision` is not "config"."""
+    """The recipe pins precision only when `train.mixed_precision` is not "config". The process group is formed
+    first, with a deadline (see preflight.py), so a missing peer fails with a message instead of hanging."""
+    init_distributed_state()
     accelerator = Accelerator(
         mixed_precision=None if train.mixed_precision == "config" else train.mixed_precision,
         gradient_accumulation_steps=train.grad_accum_steps,

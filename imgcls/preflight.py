@@ -79,11 +79,14 @@ def rendezvous_failure_message(expected: Expected, timeout_s: float, detail: str
         what = f"node rank {expected.node_rank} could not reach the main node (rank 0)"
     else:
         what = "the processes did not all arrive"
+    hint = ("Check that every node runs the launcher with the same --main-address/--main-port and that the port "
+            "is open." if expected.machines > 1 else
+            "Check the other processes' output: one crashed or stalled before creating the Accelerator.")
     first_line = detail.strip().splitlines()[0] if detail.strip() else "no detail"
     return (
         f"could not form the process group: expected {expected.machines} machines x {expected.procs_per_machine} "
-        f"processes at {expected.address}:{expected.port}; {what} within {timeout_s:g} s. Check that every node "
-        f"runs the launcher with the same --main-address/--main-port and that the port is open. (torch: {first_line})"
+        f"processes at {expected.address}:{expected.port}; {what} within {timeout_s:g} s. {hint} "
+        f"(torch: {first_line})"
     )
 
 

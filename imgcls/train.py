@@ -25,15 +25,17 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .calibration import calibrate_artifact
 from .data import DataSplits, build_splits, make_datasets, make_loader
 from .distributed import create_accelerator, per_device_batch
 from .metrics import evaluate, per_class_accuracy, scalars
 from .models import apply_freeze, build_model, check_model_args, count_parameters, load_weights, set_train_mode
+from .preflight import PreflightError
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, RecipeError, load_recipe, recipe_to_toml
 from .runinfo import check_resume_recipe, environment, new_run_dir, resolve_resume, write_json
 from .sources import DataError
-from .tracking import RunLog, available_backends
+from .tracking import RunLog
 from .transforms import Preprocess, batch_mix
 
 log = get_logger(__name__)
@@ -134,12 +136,17 @@ def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | No
 def setup_logging(accelerator, run_dir: Path | None = None) -> None:
     """INFO to stderr (main process only, via accelerate's logger); with a run dir, also to its train.log."""
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    level = logging.INFO if accelerator.is_local_main_process else logging.WARNING
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S")
+    root.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    for handler in [h for h in root.handlers if getattr(h, "imgcls_run_log", False)]:
+        root.removeHandler(handler)  # a previous run in this process (tests, notebooks)
+        handler.close()
     if run_dir is not None and accelerator.is_main_process:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter(fmt))
-        logging.getLogger().addHandler(handler)
+        handler.imgcls_run_log = True
+        root.addHandler(handler)
 
 
 def write_run_files(recipe: Recipe, accelerator, run_dir: Path, per_dev: int) -> None:
@@ -183,12 +190,13 @@ def better(recipe: Recipe, val: dict, best: float | None) -> bool:
 def log_eval(runlog: RunLog, split: str, step: int, epoch: int, metrics: dict, names: list[str]) -> None:
     per_class = dict(zip(names, per_class_accuracy(metrics["confusion"])))
     runlog.log(split, step, {"epoch": epoch, **scalars(metrics), "per_class_top1": per_class})
+    runlog.log_confusion(split, metrics["confusion"], names)
     log.info("epoch %d %s: loss %.4f top1 %.4f%s", epoch, split, metrics["loss"], metrics["top1"],
              f" top5 {metrics['top5']:.4f}" if "top5" in metrics else "")
 
 
 def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
-    accelerator = create_accelerator(recipe.train, recipe.seed, available_backends(recipe.tracking.backends))
+    accelerator = create_accelerator(recipe.train, recipe.seed)  # trackers are started by RunLog, one by one
     setup_logging(accelerator)
     set_seed(recipe.seed)
     plan = make_plan(recipe, accelerator.num_processes)
@@ -248,6 +256,7 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
         return finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_dir)
     finally:
         runlog.close()
+        accelerator.end_training()  # every rank: finishes trackers, tears the process group down cleanly
 
 
 def sync_rows(state: ckpt.TrainState, runlog: RunLog) -> ckpt.TrainState:
@@ -260,6 +269,8 @@ def train_epoch(recipe, plan, accelerator, model, optimizer, scheduler, train_lo
     """One epoch (or the rest of one, after a resume). Returns True when a stop signal was agreed on."""
     set_train_mode(model, plan.frozen)
     train_loader.set_epoch(state.epoch)
+    # accelerate's set_epoch skips the dataset when the sampler is sharded (several processes): set it here
+    train_loader.dataset.set_epoch(state.epoch)
     loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch \
         else train_loader
     bar = tqdm(total=micro_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}",
@@ -328,6 +339,7 @@ def end_of_epoch(recipe, plan, accelerator, model, val_loader, state, runlog, ru
         return False
     val = evaluate(model, val_loader, accelerator, len(plan.splits.class_names))
     log_eval(runlog, "val", state.step, epoch, val, plan.splits.class_names)
+    runlog.draw_plots()
     is_best = better(recipe, val, state.best_metric)
     if is_best:
         state.best_metric, state.best_epoch, state.bad_epochs = val[recipe.checkpoint.select_metric], epoch, 0
@@ -351,7 +363,10 @@ def finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_di
     names = plan.splits.class_names
     results = {"name": recipe.name, "run_dir": str(run_dir), "best_epoch": state.best_epoch,
                "steps": state.step, "select_metric": recipe.checkpoint.select_metric}
-    results["val"] = scalars(evaluate(model, eval_loaders["val"], accelerator, len(names)))
+    val = evaluate(model, eval_loaders["val"], accelerator, len(names), keep_logits=recipe.train.calibrate)
+    results["val"] = scalars(val)
+    if recipe.train.calibrate and accelerator.is_main_process:  # T goes into model/best/config.json
+        results["calibration"] = calibrate_artifact(val["logits"], val["labels"], best_dir)
     if "test" in eval_loaders:
         test = evaluate(model, eval_loaders["test"], accelerator, len(names))
         log_eval(runlog, "test", state.step, state.best_epoch, test, names)
@@ -360,6 +375,7 @@ def finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_di
         write_json(run_dir / "results.json", results)
     log.info("results: val top1 %.4f%s -> %s", results["val"]["top1"],
              f", test top1 {results['test']['top1']:.4f}" if "test" in results else "", run_dir / "results.json")
+    runlog.final_report(accelerator.unwrap_model(model), eval_loaders["val"].dataset, state.step)
     return 0
 
 
@@ -371,6 +387,9 @@ def main(argv=None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PreflightError as e:  # the environment, not the recipe
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -167,8 +167,9 @@ def supervise(cmd: list[str], env: dict, expected: Expected, timeout_s: float) -
         sys.stderr.buffer.flush()
         tail = (tail + chunk)[-65536:]
     rc = proc.wait()
-    failure = RENDEZVOUS_FAILURE.search(tail.decode(errors="replace"))
-    if rc != 0 and failure:
+    text = tail.decode(errors="replace")
+    failure = RENDEZVOUS_FAILURE.search(text)
+    if rc != 0 and failure and "PreflightError" not in text:  # a worker's own pre-flight message is clear already
         print("\n" + rendezvous_failure_message(expected, timeout_s, failure.group(1)), file=sys.stderr)
     return rc
 

@@ -71,8 +71,10 @@ def hub_folder(tmp_path) -> Path:
     return write_hub_layout(tmp_path / "hub", ["zero", "one", "two", "three"], {"train": 160, "test": 40})
 
 
-def write_recipe(path: Path, data: str, extra: str = "", name: str = "tiny", output_dir: Path | None = None) -> Path:
-    """A tiny, fast recipe: 16 px gray images, small_cnn width 8, 3 epochs."""
+def write_recipe(path: Path, data: str, extra: str = "", name: str = "tiny", output_dir: Path | None = None,
+                 augment: str = "") -> Path:
+    """A tiny, fast recipe: 16 px gray images, small_cnn width 8, 3 epochs. `extra` goes into [checkpoint],
+    `augment` into [data.augment]."""
     out = output_dir or path.parent / "runs"
     path.write_text(f'''name = "{name}"
 seed = 0
@@ -82,6 +84,8 @@ image_size = [16, 16]
 channels = 1
 mean = [0.5]
 std = [0.25]
+[data.augment]
+{augment}
 [model]
 name = "small_cnn"
 args = {{ width = 8, dropout = 0.0 }}

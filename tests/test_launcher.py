@@ -27,7 +27,10 @@ init_distributed_state()
 import torch.distributed as dist
 from accelerate import Accelerator
 a = Accelerator()
-print(f"rank={a.process_index} world={a.num_processes} backend={dist.get_backend()} args={sys.argv[1:]}")
+line = f"rank={a.process_index} world={a.num_processes} backend={dist.get_backend()} args={sys.argv[1:]}\\n"
+sys.stdout.write(line)  # one write: the ranks share the pipe
+sys.stdout.flush()
+a.end_training()  # destroys the process group; without it gloo may abort at exit when the peer is already gone
 '''
 
 
@@ -186,6 +189,10 @@ def test_rendezvous_failure_message():
             "and that the port is open. (torch: Timed out after 31 seconds waiting for clients. 1/2 clients joined.)")
     four = Expected(4, 8, 0, "10.0.0.5", "29500")
     assert "; 2 of 4 machines did not arrive within 60 s." in rendezvous_failure_message(four, 60, "2/4 clients joined")
+    one = Expected(1, 2, 0, "127.0.0.1", "29500")
+    assert "; the processes did not all arrive within 10 s. Check the other processes' output: one crashed or " \
+           "stalled before creating the Accelerator." in rendezvous_failure_message(
+               one, 10, "wait timeout after 10000ms, keys: /default_pg/0//cpu//0/1", unit="processes")
     peer = Expected(2, 8, 1, "10.0.0.5", "29500")
     assert "; node rank 1 could not reach the main node (rank 0) within 30 s." in rendezvous_failure_message(
         peer, 30, "The client socket has timed out after 30000ms while trying to connect to (10.0.0.5, 29500).")
@@ -274,34 +281,56 @@ def test_two_machines_on_localhost_form_one_group(tmp_path, recipe):
         assert out.strip() == f"rank={rank} world=2 backend=gloo args=['{recipe}']"
 
 
-def test_missing_peer_machine_fails_fast_with_a_clear_message(tmp_path, recipe):
+class Lonely:
+    """A process whose peer never comes, started now and read later: both such tests wait at the same time."""
+
+    def __init__(self, cmd: list[str], env: dict, port: int):
+        self.port, self.start = port, time.monotonic()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def finish(self) -> tuple[int, float, str]:
+        _, err = self.proc.communicate(timeout=90)
+        return self.proc.returncode, time.monotonic() - self.start, err
+
+
+@pytest.fixture(scope="module")
+def lonely(tmp_path_factory) -> dict[str, Lonely]:
+    tmp = tmp_path_factory.mktemp("lonely")
+    recipe = tmp / "t.toml"
+    recipe.write_text('name = "t"\n[data]\nsource = "folder"\nroot = "/tmp/x"\n')
+    (tmp / "lonely.py").write_text("from imgcls.preflight import init_distributed_state\ninit_distributed_state(10)\n")
+    clean = {k: v for k, v in subprocess_env(tmp).items() if not k.startswith(("SLURM_", "MASTER_"))}
+    machine, worker = free_port(), free_port()
+    started = {
+        "machine": Lonely([sys.executable, "-m", "launcher.launch", str(recipe), "--config", cfg("cpu_2proc.yaml"),
+                           "--num-processes", "2", "--num-machines", "2", "--machine-rank", "0",
+                           "--main-address", "127.0.0.1", "--main-port", str(machine), "--preflight-timeout", "15"],
+                          clean, machine),
+        "worker": Lonely([sys.executable, str(tmp / "lonely.py")],
+                         {**clean, "ACCELERATE_USE_CPU": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                          "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(worker)}, worker),
+    }
+    yield started
+    for run in started.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+
+
+def test_missing_peer_machine_fails_fast_with_a_clear_message(lonely):
     """Only machine rank 0 of 2 starts. torchrun's agent waits for its peer before any worker runs; the launcher
     bounds that wait (--rdzv_conf timeout) and explains the failure."""
-    port = free_port()
-    start = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "launcher.launch", recipe, "--config", cfg("cpu_2proc.yaml"), "--num-processes", "2",
-         "--num-machines", "2", "--machine-rank", "0", "--main-address", "127.0.0.1", "--main-port", str(port),
-         "--preflight-timeout", "15"], cwd=ROOT, env=subprocess_env(tmp_path), capture_output=True, text=True,
-        timeout=90)
-    elapsed = time.monotonic() - start
-    assert run.returncode != 0 and elapsed < 60, (elapsed, run.stderr[-2000:])
-    assert (f"could not form the process group: expected 2 machines x 1 processes at 127.0.0.1:{port}; node rank 1 "
-            "did not arrive within 15 s. Check that every node runs the launcher with the same "
-            "--main-address/--main-port and that the port is open.") in run.stderr
+    rc, elapsed, err = lonely["machine"].finish()
+    assert rc != 0 and elapsed < 60, (elapsed, err[-2000:])
+    assert (f"could not form the process group: expected 2 machines x 1 processes at 127.0.0.1:"
+            f"{lonely['machine'].port}; node rank 1 did not arrive within 15 s. Check that every node runs the "
+            "launcher with the same --main-address/--main-port and that the port is open.") in err
 
 
-def test_missing_peer_process_fails_fast_inside_the_worker(tmp_path):
+def test_missing_peer_process_fails_fast_inside_the_worker(lonely):
     """A worker whose peer never joins (rank 0 of 2, started from the environment as torchrun would): the
     process-group rendezvous in init_distributed_state gives up after its timeout with the same message."""
-    script = tmp_path / "lonely.py"
-    script.write_text("from imgcls.preflight import init_distributed_state\ninit_distributed_state(10)\n")
-    port = free_port()
-    env = subprocess_env(tmp_path, ACCELERATE_USE_CPU="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="2",
-                         LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    start = time.monotonic()
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=90)
-    elapsed = time.monotonic() - start
-    assert run.returncode != 0 and elapsed < 60, (elapsed, run.stderr[-2000:])
+    rc, elapsed, err = lonely["worker"].finish()
+    assert rc != 0 and elapsed < 60, (elapsed, err[-2000:])
     assert "PreflightError: could not form the process group: expected 2 machines x 1 processes at " \
-           f"127.0.0.1:{port}; 1 of 2 processes did not arrive within 10 s." in run.stderr
+           f"127.0.0.1:{lonely['worker'].port}; 1 of 2 processes did not arrive within 10 s." in err

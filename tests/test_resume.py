@@ -23,9 +23,9 @@ def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1) -> Pa
     # augmentation and dropout on, so RNG state and data position both matter
     data = f'source = "folder"\nroot = "{image_folder}"'
     extra = "every_steps = 3\nkeep_last = 3"
-    recipe = write_recipe(tmp_path / f"{runs}.toml", data, extra, output_dir=tmp_path / runs)
+    recipe = write_recipe(tmp_path / f"{runs}.toml", data, extra, output_dir=tmp_path / runs,
+                          augment="crop_padding = 2\nhflip = 0.5")
     text = recipe.read_text().replace("dropout = 0.0", "dropout = 0.2")
-    text = text.replace("[model]", "[data.augment]\ncrop_padding = 2\nhflip = 0.5\n[model]")
     recipe.write_text(text.replace("[train]", f"[train]\ngrad_accum_steps = {accum}"))
     return recipe
 

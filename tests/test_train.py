@@ -34,6 +34,9 @@ def test_run_directory_holds_exactly_the_promised_files(folder_recipe, tmp_path)
     expected = {"recipe.toml", "env.json", "metrics.jsonl", "train.log", "results.json"}
     expected |= {f"model/{kind}/{f}" for kind in ("best", "last") for f in artifact}
     expected |= {f"checkpoints/step-{s:07d}/{f}" for s in (20, 30) for f in checkpoint}  # keep_last = 2
+    expected |= {f"plots/{f}.png" for f in ("curves", "confusion_val", "confusion_test")}  # tracking.plots
+    if json.loads((run / "results.json").read_text())["val"]["top1"] < 1.0:  # a gallery needs mistakes
+        expected.add("plots/misclassified.png")
     assert relative_files(run) == expected
 
 

@@ -1,0 +1,136 @@
+"""Confidence calibration: temperature scaling and expected calibration error (ECE).
+
+Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", 2017) divides the logits by one
+scalar T fitted on the validation split by minimising the NLL of softmax(logits / T); it never changes the
+predicted class, only how confident the model says it is. The trainer calls `calibrate_artifact` at the end of
+training (`train.calibrate = true`) and stores T in `model/best/config.json`; predict and eval read it from
+there (or from an exported model's metadata).
+
+    result = calibrate(val_logits, val_labels)          # {"temperature", "ece_before", "ece_after", ...}
+    conf, correct = confidence_correct(probs, labels)
+    ece(conf, correct, n_bins=15)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_BINS = 15
+# With at least one misclassified image the NLL has a minimum at a finite T > 0 (it grows without bound as
+# T -> 0); a few extreme images can still put it far out, so the fit is held to a sane range and says so.
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of logits / T over the last axis, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def confidence_correct(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 probability and whether the top-1 class is the label, per sample."""
+    probs = np.asarray(probs)
+    return probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> dict[str, list]:
+    """Equal-width confidence bins (i/n, (i+1)/n]: count, mean confidence and accuracy in each."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    conf_sum = np.bincount(index, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(index, weights=correct, minlength=n_bins)
+    nonzero = np.maximum(count, 1)
+    return {"lower": (np.arange(n_bins) / n_bins).tolist(), "upper": (np.arange(1, n_bins + 1) / n_bins).tolist(),
+            "count": count.tolist(), "confidence": (conf_sum / nonzero).tolist(),
+            "accuracy": (acc_sum / nonzero).tolist()}
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error: sum over bins of (bin size / n) * |accuracy - mean confidence|."""
+    bins = reliability(confidence, correct, n_bins)
+    n = max(sum(bins["count"]), 1)
+    return float(sum(c / n * abs(a - p) for c, a, p in zip(bins["count"], bins["accuracy"], bins["confidence"])))
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    probs = softmax(logits, temperature)
+    picked = probs[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.maximum(picked, 1e-300)).mean())
+
+
+def fit_temperature(logits, labels, max_iter: int = 100) -> float:
+    """T minimising NLL(softmax(logits / T), labels), by L-BFGS on log T (so T stays positive)."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp().item())
+    if not math.isfinite(t):
+        return 1.0
+    if not T_MIN <= t <= T_MAX:
+        log.warning("temperature fit ran to %.3g; held to [%g, %g]", t, T_MIN, T_MAX)
+    return min(max(t, T_MIN), T_MAX)
+
+
+def calibrate(logits, labels, n_bins: int = N_BINS) -> dict:
+    """Fit T on (logits, labels); ECE and NLL before (T = 1) and after. T = 1 if fitting would not help."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if (logits.argmax(axis=1) == labels).all():
+        log.warning("calibration: every validation image is classified correctly, so the NLL keeps falling as "
+                    "T -> 0 and has no minimum; temperature left at 1")
+        t = 1.0
+    else:
+        t = fit_temperature(logits, labels)
+    if nll(logits, labels, t) > nll(logits, labels, 1.0):
+        t = 1.0
+    before = ece(*confidence_correct(softmax(logits), labels), n_bins)
+    after = ece(*confidence_correct(softmax(logits, t), labels), n_bins)
+    return {"temperature": t, "ece_before": before, "ece_after": after, "nll_before": nll(logits, labels),
+            "nll_after": nll(logits, labels, t), "bins": n_bins, "n": int(len(labels))}
+
+
+def write_calibration(artifact_dir: Path, calibration: dict) -> None:
+    """Store T and the calibration numbers in the artifact's config.json (temp file, then rename)."""
+    path = Path(artifact_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["temperature"] = calibration["temperature"]
+    config["calibration"] = calibration
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path)
+
+
+def calibrate_artifact(logits, labels, artifact_dir: Path) -> dict:
+    """End of training, main process: fit T on the validation logits and write it into the artifact."""
+    if len(labels) == 0:
+        log.warning("calibration skipped: the validation split is empty")
+        return {}
+    result = calibrate(logits.cpu().numpy() if hasattr(logits, "cpu") else logits,
+                       labels.cpu().numpy() if hasattr(labels, "cpu") else labels)
+    write_calibration(artifact_dir, result)
+    log.info("calibration on val (n=%d): temperature %.4f, ECE (%d bins) %.4f -> %.4f, NLL %.4f -> %.4f",
+             result["n"], result["temperature"], result["bins"], result["ece_before"], result["ece_after"],
+             result["nll_before"], result["nll_after"])
+    return result

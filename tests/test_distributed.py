@@ -1,0 +1,122 @@
+"""Several processes on CPU (gloo) through `accelerate launch`: same numbers as one process, one writer,
+a 2-node job on loopback, and the precision policy (bf16 really used; fp16 on CPU refused)."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from helpers import metrics_rows, only_run, relative_files, stable_rows, subprocess_env, train_inprocess, weights
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(recipe: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "imgcls.train", str(recipe)]
+
+
+def cpu_env() -> dict:
+    env = subprocess_env()
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", IMGCLS_PREFLIGHT_TIMEOUT="120")
+    return env
+
+
+@pytest.fixture
+def no_bn_recipe(tmp_path, image_folder):
+    """No batch norm and no dropout: the only difference between 1 and 2 processes is how the sum is split."""
+    def make(runs: str) -> Path:
+        recipe = write_recipe(tmp_path / f"{runs}.toml", f'source = "folder"\nroot = "{image_folder}"',
+                              output_dir=tmp_path / runs, augment="crop_padding = 2")
+        recipe.write_text(recipe.read_text().replace("dropout = 0.0", 'dropout = 0.0, norm = "none"'))
+        return recipe
+    return make
+
+
+def test_two_processes_match_one_process_and_only_rank0_writes(tmp_path, no_bn_recipe):
+    one = no_bn_recipe("one")
+    assert train_inprocess(one) == 0
+    two = no_bn_recipe("two")
+    done = subprocess.run(launch_cmd(two, "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                                     str(free_port())), capture_output=True, text=True, env=cpu_env(),
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run1, run2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    env2 = json.loads((run2 / "env.json").read_text())
+    assert (env2["world_size"], env2["backend"], env2["per_device_batch_size"]) == (2, "gloo", 8)
+
+    w1, w2 = weights(run1 / "model" / "last"), weights(run2 / "model" / "last")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    val = lambda run: [(r["step"], r["n"], r["top1"]) for r in metrics_rows(run) if r["event"] in ("val", "test")]
+    assert val(run1) == val(run2)
+    assert [r["step"] for r in stable_rows(run1)] == [r["step"] for r in stable_rows(run2)]  # no row twice
+
+    # rank 1 writes nothing but its own RNG state inside each resume checkpoint
+    ckpts = {p.split("/")[1] for p in relative_files(run2) if p.startswith("checkpoints/")}
+    expected = relative_files(run1) | {f"checkpoints/{c}/random_states_1.pkl" for c in ckpts}
+    assert relative_files(run2) == expected
+    assert len(list((tmp_path / "two").iterdir())) == 1
+
+
+def test_two_node_job_on_loopback_completes_with_one_run_dir(tmp_path, no_bn_recipe):
+    recipe = no_bn_recipe("nodes")
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        launch_cmd(recipe, "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes",
+                   "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env(), cwd=tmp_path)
+        for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    run = only_run(tmp_path / "nodes")
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 2
+    assert json.loads((run / "results.json").read_text())["steps"] == 30
+
+
+def test_bf16_on_cpu_runs_convolutions_in_bfloat16():
+    from imgcls.distributed import create_accelerator
+    from imgcls.models import build_model
+    from imgcls.recipe import ModelConfig, TrainConfig
+
+    accelerator = create_accelerator(TrainConfig(mixed_precision="bf16"), seed=0)
+    assert accelerator.mixed_precision == "bf16"
+    model = accelerator.prepare(build_model(ModelConfig(name="small_cnn", args={"width": 4}), 3, 1, (16, 16)))
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    logits = model(torch.randn(2, 1, 16, 16))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert logits.shape == (2, 3)
+
+
+def test_bf16_training_run_logs_bf16_as_the_precision(tmp_path, image_folder):
+    recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
+    assert train_inprocess(recipe, 'train.mixed_precision="bf16"') == 0
+    run = only_run(tmp_path / "runs")
+    assert json.loads((run / "env.json").read_text())["mixed_precision"] == "bf16"
+    assert "precision in effect: bf16 on cpu" in (run / "train.log").read_text()
+    assert json.loads((run / "results.json").read_text())["test"]["top1"] >= 0.9
+
+
+def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, image_folder, capsys):
+    recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
+    assert train_inprocess(recipe, 'train.mixed_precision="fp16"') == 2
+    err = capsys.readouterr().err
+    assert "fp16 was asked for but this process runs on the CPU, where Accelerate would silently compute" in err
+    assert 'train.mixed_precision="bf16"' in err
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,130 @@
+"""Calibration (temperature scaling, ECE), the trainer storing T in the artifact, and imgcls-eval's report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_class_folders, write_recipe
+from helpers import only_run, train_inprocess
+from imgcls.calibration import calibrate, ece, fit_temperature, softmax
+from imgcls.evaluate import main as eval_main, per_class_scores
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny model trained for one epoch (good, not perfect: the temperature has something to fit)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
+        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
+    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
+    assert train_inprocess(recipe, "train.epochs=1") == 0
+    return only_run(root / "runs")
+
+
+# ---------------------------------------------------------------- calibration
+def overconfident(n: int = 4000, classes: int = 5, sharpen: float = 3.0, seed: int = 0):
+    """Labels drawn from softmax(logits): calibrated by construction; then the logits are multiplied by 3."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, classes))
+    probs = softmax(logits)
+    labels = np.array([rng.choice(classes, p=p) for p in probs])
+    return logits * sharpen, labels
+
+
+def test_temperature_fit_undoes_overconfidence():
+    logits, labels = overconfident()
+    result = calibrate(logits, labels)
+    assert 2.6 < result["temperature"] < 3.4  # the true factor is 3
+    assert result["ece_after"] < 0.03 < 0.15 < result["ece_before"]
+    assert result["nll_after"] < result["nll_before"]
+    assert fit_temperature(logits / 3, labels) == pytest.approx(1.0, abs=0.15)
+
+
+def test_ece_is_zero_on_perfectly_calibrated_bins_and_large_when_not():
+    confidence = np.repeat([0.35, 0.6, 0.75, 0.9, 1.0], 20)
+    correct = np.concatenate([np.arange(20) < k for k in (7, 12, 15, 18, 20)])  # accuracy == confidence per bin
+    assert ece(confidence, correct) == pytest.approx(0.0, abs=1e-12)
+    assert ece(np.full(100, 0.95), np.arange(100) < 50) == pytest.approx(0.45)
+
+
+def test_all_correct_validation_leaves_temperature_at_one():
+    logits = np.eye(3)[np.arange(30) % 3] * 4
+    assert calibrate(logits, np.arange(30) % 3)["temperature"] == 1.0
+
+
+def test_training_stores_temperature_in_best_artifact_and_results(run):
+    results = json.loads((run / "results.json").read_text())
+    cal = results["calibration"]
+    assert set(cal) >= {"temperature", "ece_before", "ece_after"} and cal["n"] == 40 and cal["bins"] == 15
+    config = json.loads((run / "model" / "best" / "config.json").read_text())
+    assert config["temperature"] == cal["temperature"] != 1.0
+    assert config["calibration"] == cal and cal["nll_after"] <= cal["nll_before"]
+    assert not list((run / "model" / "best").glob(".*"))  # no temp file left behind
+
+
+# ---------------------------------------------------------------- per-class scores
+def test_per_class_scores_match_a_hand_computation():
+    confusion = [[5, 1, 0],   # true a: 5 right, 1 called b
+                 [2, 3, 1],   # true b
+                 [0, 0, 4]]   # true c
+    s = per_class_scores(np.array(confusion), ["a", "b", "c"])
+    assert s["a"]["precision"] == pytest.approx(5 / 7) and s["a"]["recall"] == pytest.approx(5 / 6)
+    assert s["b"]["precision"] == pytest.approx(3 / 4) and s["b"]["recall"] == pytest.approx(3 / 6)
+    assert s["c"]["precision"] == pytest.approx(4 / 5) and s["c"]["recall"] == pytest.approx(1.0)
+    assert s["b"]["f1"] == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+    assert [s[c]["support"] for c in "abc"] == [6, 6, 4]
+    assert per_class_scores(np.array([[0, 0], [3, 0]]), ["x", "y"])["y"] == {"precision": 0.0, "recall": 0.0,
+                                                                            "f1": 0.0, "support": 3}
+
+
+# ---------------------------------------------------------------- imgcls-eval
+def test_eval_report_json_pngs_and_summary(run, capsys):
+    best = run / "model" / "best"
+    assert eval_main([str(best)]) == 0
+    report = json.loads((best / "eval" / "eval_test.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert report["n"] == 40 and report["accuracy"] == pytest.approx(results["test"]["top1"])
+    assert report["temperature"] == results["calibration"]["temperature"] and "top5" not in report  # 4 classes
+    confusion = np.array(report["confusion"])
+    assert confusion.sum() == 40 and confusion.sum(axis=1).tolist() == [10] * 4
+    for i, name in enumerate("abcd"):  # per-class numbers from the JSON's own confusion matrix, by hand
+        tp, called, actual = confusion[i, i], confusion[:, i].sum(), confusion[i].sum()
+        precision, recall = (tp / called if called else 0.0), tp / actual
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        assert report["per_class"][name] == pytest.approx({"precision": precision, "recall": recall, "f1": f1,
+                                                           "support": actual})
+    coverage = report["coverage"]
+    assert coverage[0] == {"threshold": 0.0, "coverage": 1.0, "answered": 40, "accuracy": report["accuracy"]}
+    assert all(a["coverage"] >= b["coverage"] for a, b in zip(coverage, coverage[1:]))
+    assert sum(report["reliability"]["count"]) == 40 and len(report["reliability"]["count"]) == 15
+    for png in ("confusion_test.png", "reliability_test.png"):
+        with Image.open(best / "eval" / png) as im:
+            assert im.format == "PNG" and min(im.size) > 300
+            assert len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not a blank canvas
+    out = capsys.readouterr().out
+    assert "precision" in out and "reject below" in out and f"top-1 {report['accuracy']:.4f}" in out
+
+
+def test_eval_on_val_reproduces_the_calibration_numbers(run, tmp_path):
+    assert eval_main([str(run / "model" / "best"), "--split", "val", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval_val.json").read_text())
+    cal = json.loads((run / "results.json").read_text())["calibration"]
+    assert report["ece"] == pytest.approx(cal["ece_after"], abs=1e-5)
+    assert report["ece_uncalibrated"] == pytest.approx(cal["ece_before"], abs=1e-5)
+
+
+def test_eval_on_an_image_folder_with_some_of_the_classes(run, tmp_path, capsys):
+    write_class_folders(tmp_path / "flat", ["b", "d"], 5, seed=7)
+    write_class_folders(tmp_path / "flat", ["a"], 0)  # an empty class folder is an error of the data
+    assert eval_main([str(run / "model" / "best"), "--data", str(tmp_path / "flat"), "--out", str(tmp_path)]) == 2
+    assert "class folder has no images" in capsys.readouterr().err
+    (tmp_path / "flat" / "a").rmdir()
+    assert eval_main([str(run / "model" / "best"), "--data", str(tmp_path / "flat"), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval_test.json").read_text())
+    assert report["n"] == 10 and [report["per_class"][c]["support"] for c in "abcd"] == [0, 5, 0, 5]
+    write_class_folders(tmp_path / "other", ["zebra"], 2)
+    assert eval_main([str(run / "model" / "best"), "--data", str(tmp_path / "other"), "--out", str(tmp_path)]) == 2
+    assert "['zebra']" in capsys.readouterr().err

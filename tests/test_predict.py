@@ -1,0 +1,140 @@
+"""imgcls-predict: PyTorch artifact and ONNX export give the same answers; `uncertain`; unreadable files are
+reported and skipped; TTA and --sort-into; the ONNX path needs neither torch nor the training code."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from conftest import REPO, write_class_folders, write_recipe
+from helpers import only_run, train_inprocess
+from imgcls.calibration import softmax
+from imgcls.export import main as export_main
+from imgcls.predict import load_predictor, main as predict_main, prepare, read_views
+from imgcls.transforms import Preprocess
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(artifact, its ONNX export, a folder of 40 unseen images in class folders)."""
+    root = tmp_path_factory.mktemp("predict")
+    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
+        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
+    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
+    assert train_inprocess(recipe, "train.epochs=1") == 0
+    best = only_run(root / "runs") / "model" / "best"
+    assert export_main([str(best), "--format", "onnx", "--parity-images", "8"]) == 0
+    return best, best / "export" / "model.onnx", root / "imgs" / "test"
+
+
+def run_predict(*args, tmp_path, name="out.jsonl") -> list[dict]:
+    out = tmp_path / name
+    assert predict_main([*map(str, args), "--output", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_artifact_and_onnx_give_the_same_answers(models, tmp_path):
+    best, onnx_file, images = models
+    eager = run_predict(best, images, tmp_path=tmp_path, name="eager.jsonl")
+    exported = run_predict(onnx_file, images, tmp_path=tmp_path, name="onnx.jsonl")
+    assert len(eager) == len(exported) == 40
+    assert [r["path"] for r in eager] == [r["path"] for r in exported]
+    assert [r["prediction"] for r in eager] == [r["prediction"] for r in exported]
+    np.testing.assert_allclose([r["probability"] for r in eager], [r["probability"] for r in exported], atol=1e-5)
+    accuracy = np.mean([r["prediction"] == r["path"].split("/")[-2] for r in eager])
+    assert accuracy > 0.5  # 4 classes: not chance, so the labels are not shuffled
+
+
+def test_reject_below_one_marks_every_image_uncertain(models, tmp_path):
+    best, onnx_file, images = models
+    for model in (best, onnx_file):
+        rows = run_predict(model, images, "--reject-below", "1.0", tmp_path=tmp_path)
+        assert len(rows) == 40 and {r["prediction"] for r in rows} == {"uncertain"}
+        assert all(r["top_k"][0]["label"] in "abcd" for r in rows)  # the ranking is still reported
+
+
+def test_unreadable_files_are_reported_and_skipped(models, tmp_path, capsys, caplog):
+    best, onnx_file, images = models
+    folder = shutil.copytree(images, tmp_path / "mixed")
+    (folder / "a" / "notes.txt").write_text("not an image")
+    (folder / "b" / "broken.png").write_bytes((images / "b" / "0000.png").read_bytes()[:60])
+    with caplog.at_level(logging.INFO):
+        assert predict_main([str(onnx_file), str(folder), "--top-k", "2"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(rows) == 42
+    bad = {r["path"].split("/")[-1]: r for r in rows if r["error"]}
+    assert set(bad) == {"notes.txt", "broken.png"} and all(r["prediction"] == "" for r in bad.values())
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 40 and all(r["prediction"] in "abcd" and r["label_2"] for r in good)
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "notes.txt" in warned and "broken.png" in warned
+    assert "42 inputs: 40 predicted (0 uncertain), 2 failed" in caplog.records[-1].getMessage()
+
+
+def test_inputs_by_file_glob_and_missing_path(models, tmp_path):
+    best, _, images = models
+    rows = run_predict(best, images / "a" / "0000.png", f"{images}/b/000[0-2].png", tmp_path / "nope.png",
+                       tmp_path=tmp_path)
+    assert [r["path"].split("/")[-1] for r in rows] == ["0000.png", "0000.png", "0001.png", "0002.png", "nope.png"]
+    assert "FileNotFoundError" in rows[-1]["error"]
+
+
+def test_tta_averages_softmax_of_image_and_flip(models, tmp_path):
+    _, onnx_file, images = models
+    src = images / "c" / "0003.png"
+    flipped = tmp_path / "flipped.png"
+    Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)  # PNG: lossless
+    model = load_predictor(onnx_file)
+    logits = model.run(np.stack([read_views(str(p), model.preprocess)[0] for p in (src, flipped)]))
+    expected = softmax(logits, model.temperature).mean(axis=0)
+    (row,) = run_predict(onnx_file, src, "--tta", "--top-k", "4", tmp_path=tmp_path)
+    got = {t["label"]: t["probability"] for t in row["top_k"]}
+    np.testing.assert_allclose([got[c] for c in model.class_names], expected, atol=1e-6)
+    assert read_views(str(src), model.preprocess, tta=True, tta_crop=0.875).shape == (3, 1, 16, 16)
+
+
+def test_sort_into_copies_each_image_into_its_answer_folder(models, tmp_path):
+    best, _, images = models
+    rows = run_predict(best, images, "--reject-below", "0.5", "--sort-into", tmp_path / "sorted", tmp_path=tmp_path)
+    for answer in {r["prediction"] for r in rows}:
+        # names repeat across class folders (0000.png in a/, b/, ...): copies get a numeric suffix
+        assert len(list((tmp_path / "sorted" / answer).iterdir())) == sum(r["prediction"] == answer for r in rows)
+
+
+def test_onnx_path_needs_neither_torch_nor_training_code(models, tmp_path):
+    _, onnx_file, images = models
+    code = (f"import sys; from imgcls.predict import main; "
+            f"rc = main([{str(onnx_file)!r}, {str(images)!r}, '--output', {str(tmp_path / 'p.csv')!r}]); "
+            f"loaded = [m for m in ('torch', 'torchvision', 'imgcls.models', 'imgcls.train') if m in sys.modules]; "
+            f"assert rc == 0 and not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 41
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_prepare_is_torchvision_on_pil_images(mode):
+    """The PIL+numpy path equals torchvision v2 Resize/CenterCrop/ToImage/ToDtype/Normalize on PIL images, and
+    equals the artifact's eval transform wherever no resize is needed (MNIST at 28 px, these tests at 16)."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB")
+    image = base.convert("I;16") if mode == "I;16" else base.convert(mode)
+    for channels, interp, crop_pct, size in ((3, "bilinear", 1.0, (24, 20)), (1, "bicubic", 0.875, (16, 16)),
+                                             (3, "nearest", 0.9, (28, 28)), (1, "bilinear", 1.0, (37, 53))):
+        pre = Preprocess(size, channels, (0.4,) * channels, (0.2,) * channels, interp, crop_pct)
+        head = pre.eval_transform().transforms[1:-2]  # Resize (+ CenterCrop), without ToImage and the tail
+        on_pil = v2.Compose([*head, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(pre.mean, pre.std)])
+        ours = prepare(image, pre.to_dict())
+        assert np.array_equal(ours, on_pil(pre.convert(image)).numpy()), (mode, interp)
+        if size == (37, 53) and crop_pct == 1.0:
+            assert np.array_equal(ours, pre.eval_transform()(pre.convert(image)).numpy())
