@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .calibration import N_BINS, confidence_correct, ece, nll, reliability, softmax
 from .checkpoint import artifact_path, load_artifact
 from .data import ImageDataset, build_splits
+from .plots import confusion_figure, new_figure, render, save_png
 from .predict import decide, prepare
 from .recipe import DataConfig, RecipeError, load_recipe
 from .sources import LOADERS, DataError, Split
@@ -53,7 +54,7 @@ def load_split(data: str | None, folder: Path, pre: dict, split: str) -> tuple[S
     """The split to evaluate, its class names, and a description of where it came from."""
     if data and Path(data).is_dir():
         splits, names = LOADERS["folder"](folder_config(data, pre))
-        if split not in splits and len(splits) == 1:  # one flat set of class folders: evaluate all of it
+        if "train" not in {p.name.lower() for p in Path(data).iterdir() if p.is_dir()}:  # flat: all of it
             (only,) = splits.values()
             log.info("%s has no train/val/test subfolders: evaluating all %d images", data, len(only))
             return only, names, f"folder {data}"
@@ -139,36 +140,12 @@ def build_report(logits: np.ndarray, labels: np.ndarray, names: list[str], tempe
 
 
 # ---------------------------------------------------------------- plots and text
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_confusion(confusion: list[list[int]], names: list[str], path: Path) -> None:
-    matrix = np.asarray(confusion)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.45 * len(names), 20)
-    fig = _figure(size + 1, size)
-    ax = fig.add_subplot()
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="share of the true class")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
-           title="confusion matrix (counts)")
-    ax.set_xticklabels(names, rotation=90 if len(names) > 10 else 0)
-    ax.set_yticklabels(names)
-    if len(names) <= 30:
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
-    fig.savefig(path)
+def plot_confusion(confusion: list[list[int]], names: list[str], title: str, path: Path) -> None:
+    save_png(render(confusion_figure(confusion, names, title)), path)
 
 
 def plot_reliability(report: dict, path: Path) -> None:
-    fig = _figure(6, 6.5)
+    fig = new_figure(6, 6.5)
     ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     bins = report["reliability"]
     width = bins["upper"][0] - bins["lower"][0]
@@ -185,7 +162,7 @@ def plot_reliability(report: dict, path: Path) -> None:
     ax.legend(loc="upper left")
     hist.bar(centers, bins["count"], width=width * 0.9, color="tab:gray")
     hist.set(xlabel="confidence (top-1 probability)", ylabel="images")
-    fig.savefig(path)
+    save_png(render(fig), path)
 
 
 def summary(report: dict) -> str:
@@ -216,7 +193,7 @@ def evaluate_artifact(artifact: str, data: str | None, split: str, out: Path | N
               **build_report(logits, mapping[labels], config["class_names"], float(config.get("temperature", 1.0)))}
     out = out or folder / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(report["confusion"], config["class_names"], out / f"confusion_{split}.png")
+    plot_confusion(report["confusion"], config["class_names"], where, out / f"confusion_{split}.png")
     plot_reliability(report, out / f"reliability_{split}.png")
     path = out / f"eval_{split}.json"
     tmp = path.with_name(f".{path.name}.tmp")

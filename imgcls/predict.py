@@ -329,8 +329,10 @@ def main(argv=None) -> int:
     try:
         for row in predict(model, paths, args.batch_size, top_k, args.reject_below, args.tta, args.tta_crop):
             write(row)
-            failed += "error" in row
-            done += [] if "error" in row else [row]
+            if "error" in row:
+                failed += 1
+            else:
+                done.append(row)
     finally:
         if args.output:
             stream.close()

@@ -95,8 +95,11 @@ class StopSignal:
 
     def __init__(self):
         self.raised = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def release(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.raised = signum
@@ -255,6 +258,7 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
                 break
         return finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_dir)
     finally:
+        stop.release()
         runlog.close()
         accelerator.end_training()  # every rank: finishes trackers, tears the process group down cleanly
 

@@ -63,6 +63,7 @@ def test_training_stores_temperature_in_best_artifact_and_results(run):
     assert config["temperature"] == cal["temperature"] != 1.0
     assert config["calibration"] == cal and cal["nll_after"] <= cal["nll_before"]
     assert not list((run / "model" / "best").glob(".*"))  # no temp file left behind
+    assert f"ECE (15 bins) {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}" in (run / "train.log").read_text()
 
 
 # ---------------------------------------------------------------- per-class scores
