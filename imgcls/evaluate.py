@@ -208,7 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
     p.add_argument("artifact", help="model/best, model/last, or a run folder")
-    p.add_argument("--data", metavar="RECIPE_OR_FOLDER", help="recipe TOML or image folder (default: the artifact's recipe.toml)")
+    p.add_argument("--data", metavar="RECIPE_OR_FOLDER",
+                   help="recipe TOML or image folder (default: the artifact's recipe.toml)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <artifact>/eval)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")

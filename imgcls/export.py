@@ -179,18 +179,21 @@ def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(ref))}
 
 
-def parity(reference: Predictor, candidate: Predictor, images: list, atol: float, fp16: bool = False) -> dict:
-    """Logits of `candidate` (its own metadata's preprocessing) against `reference`, batch 1 and batch k."""
-    ref_x = np.stack([prepare(im, reference.preprocess) for im in images])
-    got_x = np.stack([prepare(im, candidate.preprocess) for im in images])
-    ref_k = reference.run(ref_x)
-    result = {"batch_1": _compare(np.concatenate([reference.run(x[None]) for x in ref_x]),
-                                  np.concatenate([candidate.run(x[None]) for x in got_x])),
-              "batch_k": _compare(ref_k, candidate.run(got_x))}
+def batch_1_and_k(predictor: Predictor, images: list) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of each image run alone and of all of them in one batch, with the predictor's own preprocessing."""
+    x = np.stack([prepare(im, predictor.preprocess) for im in images])
+    return np.concatenate([predictor.run(v[None]) for v in x]), predictor.run(x)
+
+
+def parity(reference: tuple[np.ndarray, np.ndarray], class_names: list[str], candidate: Predictor, images: list,
+           atol: float, fp16: bool = False) -> dict:
+    """`candidate` (preprocessing from its own metadata) against the eager model's `batch_1_and_k` logits."""
+    got_1, got_k = batch_1_and_k(candidate, images)
+    result = {"batch_1": _compare(reference[0], got_1), "batch_k": _compare(reference[1], got_k)}
     worst = max(r["max_abs_diff"] for r in result.values())
-    tol = max(atol, FP16_RTOL * float(np.abs(ref_k).max())) if fp16 else atol
-    same_meta = candidate.class_names == reference.class_names
-    result.update(max_abs_diff=worst, atol=tol, class_names_match=same_meta, passed=worst <= tol and same_meta)
+    tol = max(atol, FP16_RTOL * float(np.abs(reference[1]).max())) if fp16 else atol
+    same_names = candidate.class_names == class_names
+    result.update(max_abs_diff=worst, atol=tol, class_names_match=same_names, passed=worst <= tol and same_names)
     return result
 
 
@@ -223,7 +226,7 @@ def run_export(folder: Path, formats: list[str], out: Path, opset: int, images: 
     """Export (unless check_only) and check each format; the report of `export_report.json`."""
     model, config = load_artifact(folder)
     meta = deploy_metadata(config)
-    reference = torch_predictor(model, meta, str(folder))
+    reference = batch_1_and_k(torch_predictor(model, meta, str(folder)), images)
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / "preprocess.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     example = torch.from_numpy(np.stack([prepare(im, meta["preprocess"]) for im in images[:2]]))
@@ -235,7 +238,8 @@ def run_export(folder: Path, formats: list[str], out: Path, opset: int, images: 
             info = {"file": FILES[fmt]} if check_only else \
                 export_one(fmt, model, example, opset, meta, out, onnx_cache)
             log.info("%s: %s; checking parity on %d images", fmt, out / FILES[fmt], len(images))
-            report[fmt] = {**info, **parity(reference, load_exported(fmt, out / FILES[fmt]), images, atol,
+            candidate = load_exported(fmt, out / FILES[fmt])
+            report[fmt] = {**info, **parity(reference, meta["class_names"], candidate, images, atol,
                                             fp16=fmt == "onnx_fp16")}
         except Exception as e:  # one format failing to export must not hide the others' results
             log.exception("%s: export failed", fmt)
@@ -255,9 +259,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", default=None, help="also write model.fp16.onnx")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the recipe's export.opset)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <artifact>/export)")
-    p.add_argument("--data", metavar="RECIPE_OR_FOLDER", help="a recipe TOML or an image folder for the parity images, when the "
-                                  "artifact recipe's data is not reachable")
-    p.add_argument("--parity-images", type=int, metavar="N", help="images in the check (default: export.parity_images)")
+    p.add_argument("--data", metavar="RECIPE_OR_FOLDER",
+                   help="a recipe TOML or an image folder for the parity images, when the artifact recipe's data "
+                        "is not reachable")
+    p.add_argument("--parity-images", type=int, metavar="N",
+                   help="images in the check (default: export.parity_images)")
     p.add_argument("--atol", type=float, metavar="X", help="max |Δlogit| allowed (default: export.parity_atol)")
     p.add_argument("--check-only", action="store_true", help="re-check the files already in --out")
     return p.parse_args(argv)

@@ -20,7 +20,7 @@ def run(tmp_path_factory):
     for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
         write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
     recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1") == 0
+    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
     return only_run(root / "runs")
 
 

@@ -26,7 +26,7 @@ def artifact(tmp_path_factory):
     for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
         write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
     recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1") == 0
+    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
     return only_run(root / "runs") / "model" / "best"
 
 
@@ -123,7 +123,8 @@ def test_mnist_artifact_exports_and_matches(tmp_path):
     """30 steps on real MNIST (28 px, resized to the tiny recipe's 16 px), then every format."""
     recipe = write_recipe(tmp_path / "mnist.toml", f'source = "hub"\ndataset = "{SHARED_DATA / "mnist"}"\n'
                                                    f'val_size = 500\nval_pick = "first"', name="mnist")
-    assert train_inprocess(recipe, "train.max_steps=30", "train.epochs=1", "train.eval_batch_size=500") == 0
+    assert train_inprocess(recipe, "train.max_steps=30", "train.epochs=1", "train.eval_batch_size=500",
+                           "tracking.plots=false") == 0
     best = only_run(tmp_path / "runs", "mnist") / "model" / "best"
     assert export_main([str(best), "--format", "onnx", "torchscript", "torch-export"]) == 0
     report = json.loads((best / "export" / "export_report.json").read_text())

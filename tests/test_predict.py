@@ -30,7 +30,7 @@ def models(tmp_path_factory):
     for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
         write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
     recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1") == 0
+    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
     best = only_run(root / "runs") / "model" / "best"
     assert export_main([str(best), "--format", "onnx", "--parity-images", "8"]) == 0
     return best, best / "export" / "model.onnx", root / "imgs" / "test"
