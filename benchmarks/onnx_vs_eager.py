@@ -115,7 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for both backends")
     p.add_argument("--json", type=Path, default=Path("onnx_vs_eager.json"), help="where to write the numbers")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.onnx and not args.onnx.is_file():
+        p.error(f"--onnx {args.onnx}: no such file (imgcls-export writes <artifact>/export/model.onnx)")
+    return args
 
 
 def main(argv=None) -> int:

@@ -106,7 +106,9 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     root = Path(run_dir) / "checkpoints"
     complete = complete_checkpoints(run_dir)
     for p in complete[:-keep_last]:
-        shutil.rmtree(p)
+        doomed = p.with_name(f".{p.name}.deleting")  # one rename: a kill mid-delete never leaves a "complete" half
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
     for p in root.iterdir():
         if p not in complete and (p.name.startswith(".") or not (p / MARKER).is_file()):
             log.warning("removing incomplete checkpoint %s", p)
@@ -119,7 +121,8 @@ def find_resume(runs_root: Path, name: str) -> Path | None:
     if not base.is_dir():
         return None
     found = [c for run in base.iterdir() if run.is_dir() for c in complete_checkpoints(run)]
-    return max(found, key=lambda p: (p.stat().st_mtime, int(p.name.split("-")[1])), default=None)
+    # the marker is written once, last: its time says when the checkpoint became complete
+    return max(found, key=lambda p: ((p / MARKER).stat().st_mtime, int(p.name.split("-")[1])), default=None)
 
 
 # ---------------------------------------------------------------- portable artifact

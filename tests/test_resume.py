@@ -117,3 +117,31 @@ def test_resume_refuses_a_recipe_change_that_alters_the_state(tmp_path, image_fo
     # a safe change (more epochs) is accepted and the run continues
     assert train_inprocess(recipe, "--resume", "auto", "train.epochs=4", "train.max_steps=0") == 0
     assert json.loads((only_run(tmp_path / "b") / "results.json").read_text())["steps"] == 40
+
+
+def test_resume_auto_goes_by_completion_time_not_folder_time(tmp_path):
+    """Deleting files inside an old checkpoint (pruning) touches its folder; it must not look newest."""
+    import os
+
+    run = tmp_path / "runs" / "tiny" / "20260101-000000" / "checkpoints"
+    for step, when in ((6, 1_000), (9, 2_000)):
+        ckpt = run / f"step-{step:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / MARKER).write_text("{}")
+        os.utime(ckpt / MARKER, (when, when))
+    (run / "step-0000006" / "stray").write_text("x")
+    (run / "step-0000006" / "stray").unlink()  # the old folder's mtime is now the newest
+    assert find_resume(tmp_path / "runs", "tiny") == run / "step-0000009"
+
+
+def test_pruning_renames_before_deleting(tmp_path):
+    from imgcls.checkpoint import prune_checkpoints
+
+    run = tmp_path / "run"
+    for step in (3, 6, 9):
+        ckpt = run / "checkpoints" / f"step-{step:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_text("w")
+        (ckpt / MARKER).write_text("{}")
+    prune_checkpoints(run, keep_last=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]
