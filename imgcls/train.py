@@ -360,7 +360,7 @@ def end_of_epoch(recipe, plan, accelerator, model, val_loader, state, runlog, ru
 
 
 def finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_dir) -> int:
-    """Test once, on the best model; write results.json."""
+    """Test once, on the best model; calibrate it; export it if the recipe asks; write results.json."""
     accelerator.wait_for_everyone()
     best_dir = run_dir / "model" / "best"
     accelerator.unwrap_model(model).load_state_dict(load_file(str(best_dir / "model.safetensors")))
@@ -375,11 +375,16 @@ def finish(recipe, plan, accelerator, model, eval_loaders, state, runlog, run_di
         test = evaluate(model, eval_loaders["test"], accelerator, len(names))
         log_eval(runlog, "test", state.step, state.best_epoch, test, names)
         results["test"] = scalars(test)
+    runlog.final_report(accelerator.unwrap_model(model), eval_loaders["val"].dataset, state.step)
+    if recipe.export.formats and accelerator.is_main_process:  # with its parity check, as imgcls-export does
+        from .export import main as export_main
+
+        results["export"] = {"passed": export_main([str(best_dir)]) == 0,
+                             "report": str(best_dir / "export" / "export_report.json")}
     if accelerator.is_main_process:
         write_json(run_dir / "results.json", results)
     log.info("results: val top1 %.4f%s -> %s", results["val"]["top1"],
              f", test top1 {results['test']['top1']:.4f}" if "test" in results else "", run_dir / "results.json")
-    runlog.final_report(accelerator.unwrap_model(model), eval_loaders["val"].dataset, state.step)
     return 0
 
 

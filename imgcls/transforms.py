@@ -70,7 +70,8 @@ class Preprocess:
             head = [v2.Resize(resize, interpolation=self.interp, antialias=True), v2.CenterCrop((h, w))]
         else:
             head = [v2.Resize((h, w), interpolation=self.interp, antialias=True)]
-        return v2.Compose([v2.ToImage(), *head, *self._tail()[1:]])
+        # resize on the PIL image, as predict/export do without torch: the same pixels on every path
+        return v2.Compose([*head, *self._tail()])
 
     def train_transform(self, aug: AugmentConfig) -> v2.Compose:
         h, w = self.image_size

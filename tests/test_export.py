@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -132,3 +133,15 @@ def test_mnist_artifact_exports_and_matches(tmp_path):
     assert json.loads((best / "config.json").read_text())["class_names"] == [str(d) for d in range(10)]
     assert all(r["batch_k"]["top1_agreement"] == 1.0 for r in report["formats"].values())
     assert onnx_meta(best / "export" / "model.onnx")["preprocess"]["image_size"] == [16, 16]  # MNIST is 28 px
+
+
+def test_export_at_the_end_of_training_when_the_recipe_asks(tmp_path, image_folder):
+    recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
+    recipe.write_text(recipe.read_text() + '[export]\nformats = ["onnx", "torchscript"]\nparity_images = 8\n')
+    assert train_inprocess(recipe, "train.epochs=1") == 0
+    run = only_run(tmp_path / "runs")
+    results = json.loads((run / "results.json").read_text())
+    assert results["export"]["passed"] is True
+    report = json.loads(Path(results["export"]["report"]).read_text())
+    assert set(report["formats"]) == {"onnx", "torchscript"} and report["images"]["n"] == 8
+    assert all(r["passed"] and r["batch_k"]["top1_agreement"] == 1.0 for r in report["formats"].values())
