@@ -14,9 +14,8 @@ input: path, the answer (a class, or `uncertain` when the calibrated top probabi
 and a warning; the run goes on, exits 0, and the last log line says how many failed.
 
 Both backends preprocess through `prepare` below (PIL resize, then numpy), which is exactly torchvision's
-v2 Resize / CenterCrop / ToImage / ToDtype / Normalize applied to PIL images, so they agree bit for bit. The
-trainer's eval transform resizes after ToImage (uint8 tensors): identical for images already at the model's
-size, otherwise off by at most one gray level on a few pixels.
+v2 Resize / CenterCrop / ToImage / ToDtype / Normalize applied to PIL images, as the trainer's eval transform
+does, so the trainer, the artifact and the ONNX file all see the same pixels.
 """
 from __future__ import annotations
 

@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from imgcls.checkpoint import MARKER
 from imgcls.train import main as train_main
 
 VOLATILE = {"time", "images_per_s", "data_wait_fraction"}
@@ -61,3 +63,15 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def relative_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def wait_for_checkpoint(runs: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    """Poll until the run under `runs` has a complete checkpoint at `step` (then a test may kill it)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read() if proc.stderr else ''}")
+        if list(runs.glob(f"*/*/checkpoints/step-{step:07d}/{MARKER}")):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint at step {step} within {limit}s")

@@ -11,9 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from conftest import REPO, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess

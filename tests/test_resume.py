@@ -5,14 +5,13 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import write_recipe
 from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
-                     train_inprocess, weights)
+                     train_inprocess, wait_for_checkpoint, weights)
 from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
 from imgcls.train import EXIT_PREEMPTED
 
@@ -30,17 +29,6 @@ def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1) -> Pa
     return recipe
 
 
-def _wait_for_checkpoint(runs: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()}")
-        if list(runs.glob(f"tiny/*/checkpoints/step-{step:07d}/{MARKER}")):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint at step {step} within {limit}s")
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, accum):
     straight = _recipe(tmp_path, image_folder, "a", accum)
@@ -50,7 +38,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, 
     killed = _recipe(tmp_path, image_folder, "b", accum)
     proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(), cwd=tmp_path)
-    _wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
+    wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_b = only_run(tmp_path / "b")
@@ -72,7 +60,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_completes(tmp_path, imag
     recipe = _recipe(tmp_path, image_folder, "b")
     proc = subprocess.Popen(train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(), cwd=tmp_path)
-    _wait_for_checkpoint(tmp_path / "b", 6, proc)
+    wait_for_checkpoint(tmp_path / "b", 6, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err

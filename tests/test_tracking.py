@@ -18,8 +18,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import write_class_folders, write_recipe
-from helpers import metrics_rows, only_run, run_train, subprocess_env, train_cmd, train_inprocess
-from imgcls.checkpoint import MARKER, complete_checkpoints
+from helpers import (metrics_rows, only_run, run_train, subprocess_env, train_cmd, train_inprocess,
+                     wait_for_checkpoint)
+from imgcls.checkpoint import complete_checkpoints
 from imgcls.recipe import load_recipe
 from imgcls.tracking import RunLog, available_backends
 from imgcls.wandb_reader import BLOCK, CorruptLog, find_run_files, iter_payloads, read_run
@@ -112,17 +113,6 @@ def test_tensorboard_events_hold_each_scalar_series(tracked):
     assert "recipe/text_summary" in tags["tensors"]
 
 
-def _wait_for_checkpoint(runs: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()}")
-        if list(runs.glob(f"tiny/*/checkpoints/step-{step:07d}/{MARKER}")):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint at step {step} within {limit}s")
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_continue_one_wandb_run_and_one_tensorboard_log(tmp_path, monkeypatch):
     _isolate_wandb(monkeypatch, tmp_path)
@@ -130,7 +120,7 @@ def test_sigkill_and_resume_continue_one_wandb_run_and_one_tensorboard_log(tmp_p
     args = ("train.epochs=2", "train.log_every_steps=2", "tracking.plots=false")
     proc = subprocess.Popen(train_cmd(recipe, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(), cwd=tmp_path)
-    _wait_for_checkpoint(tmp_path / "runs", 12, proc)  # mid-epoch 1 (steps 11-20)
+    wait_for_checkpoint(tmp_path / "runs", 12, proc)  # mid-epoch 1 (steps 11-20)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_dir = only_run(tmp_path / "runs")
