@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import write_recipe
+from conftest import REPO, SHARED_DATA, write_recipe
 from helpers import metrics_rows, only_run, relative_files, train_inprocess
 
 
@@ -125,3 +125,22 @@ def test_evaluate_before_train_logs_val_at_step_zero(folder_recipe, tmp_path):
     val = [r for r in metrics_rows(only_run(tmp_path / "runs")) if r["event"] == "val"]
     assert [r["step"] for r in val] == [0, 10]
     assert val[0]["n"] == 40 and val[0]["loss"] > val[1]["loss"]  # the untrained model, then the trained one
+
+
+@pytest.mark.skipif(not (SHARED_DATA.parent / "tools" / "seed-hf-cache").is_file(),
+                    reason="../shared/tools/seed-hf-cache not found (only CI and dev machines have it)")
+def test_shipped_mnist_recipe_resolves_the_hub_name_from_the_datasets_cache(tmp_path, capsys):
+    """`HF_HUB_OFFLINE=1 ... recipes/mnist.toml` as shipped: ylecun/mnist comes from the local datasets cache
+    through the hub code path, with the classic 55,000 / 5,000 / 10,000 split."""
+    import os
+    import subprocess
+    import sys
+
+    cache = os.environ["HF_DATASETS_CACHE"]  # a fresh one per test (conftest)
+    seeded = subprocess.run([str(SHARED_DATA.parent / "tools" / "seed-hf-cache"), sys.executable],
+                            capture_output=True, text=True, env={**os.environ, "HF_DATASETS_CACHE": cache})
+    assert seeded.returncode == 0, seeded.stderr
+    assert train_inprocess(REPO / "recipes" / "mnist.toml", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert 'dataset = "ylecun/mnist"' in out
+    assert "mnist: 10 classes, train 55000 / val 5000 / test 10000, model small_cnn" in out
