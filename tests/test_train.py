@@ -129,7 +129,7 @@ def test_evaluate_before_train_logs_val_at_step_zero(folder_recipe, tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA.parent / "tools" / "seed-hf-cache").is_file(),
                     reason="../shared/tools/seed-hf-cache not found (only CI and dev machines have it)")
-def test_shipped_mnist_recipe_resolves_the_hub_name_from_the_datasets_cache(tmp_path, capsys):
+def test_shipped_mnist_recipe_resolves_the_hub_name_from_the_datasets_cache(tmp_path):
     """`HF_HUB_OFFLINE=1 ... recipes/mnist.toml` as shipped: ylecun/mnist comes from the local datasets cache
     through the hub code path, with the classic 55,000 / 5,000 / 10,000 split."""
     import os
@@ -140,7 +140,10 @@ def test_shipped_mnist_recipe_resolves_the_hub_name_from_the_datasets_cache(tmp_
     seeded = subprocess.run([str(SHARED_DATA.parent / "tools" / "seed-hf-cache"), sys.executable],
                             capture_output=True, text=True, env={**os.environ, "HF_DATASETS_CACHE": cache})
     assert seeded.returncode == 0, seeded.stderr
-    assert train_inprocess(REPO / "recipes" / "mnist.toml", "--dry-run") == 0
-    out = capsys.readouterr().out
+    # a subprocess: `datasets` fixes its cache folder when first imported, and this process imported it earlier
+    done = subprocess.run([sys.executable, "-m", "imgcls.train", str(REPO / "recipes" / "mnist.toml"), "--dry-run"],
+                          capture_output=True, text=True, env={**os.environ, "HF_DATASETS_CACHE": cache})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert 'dataset = "ylecun/mnist"' in out
     assert "mnist: 10 classes, train 55000 / val 5000 / test 10000, model small_cnn" in out
