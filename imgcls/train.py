@@ -121,13 +121,12 @@ def artifact_config(recipe: Recipe, plan: Plan, extra: dict) -> dict:
 
 def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | None]:
     """Pick the run dir on the main process and share it; a resumed run continues in its own folder."""
-    found = None
-    if accelerator.is_main_process:
-        source = resolve_resume(recipe, resume)
-        run_dir = source.parent.parent if source else new_run_dir(recipe)
-        found = [str(run_dir), str(source) if source else ""]
-    found = broadcast_object_list([found])[0] if accelerator.num_processes > 1 else found
-    run_dir, source = Path(found[0]), Path(found[1]) if found[1] else None
+    source = resolve_resume(recipe, resume)  # on every process: a bad --resume fails everywhere, nobody waits
+    if source is not None:
+        run_dir = source.parent.parent
+    else:  # a new folder is named by the clock: the main process names it for all
+        name = [str(new_run_dir(recipe)) if accelerator.is_main_process else None]
+        run_dir = Path(broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0])
     if resume == "auto" and source is None:
         log.info("--resume auto: no complete checkpoint of %r yet; starting a new run", recipe.name)
     if source is not None:

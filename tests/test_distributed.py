@@ -3,6 +3,7 @@ a 2-node job on loopback, and the precision policy (bf16 really used; fp16 on CP
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from helpers import metrics_rows, only_run, relative_files, stable_rows, subprocess_env, train_inprocess, weights
+from helpers import (metrics_rows, only_run, relative_files, stable_rows, subprocess_env, train_cmd, train_inprocess,
+                     wait_for_checkpoint, weights)
+from imgcls.train import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +123,28 @@ def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, image_folder, cap
     assert "fp16 was asked for but this process runs on the CPU, where Accelerate would silently compute" in err
     assert 'train.mixed_precision="bf16"' in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_on_another_process_count_keeps_the_global_batch_and_the_data_position(tmp_path, no_bn_recipe):
+    """1 process is stopped mid-epoch (SIGTERM); 2 processes finish the run: the same weights and validation
+    numbers as one process all the way."""
+    straight = no_bn_recipe("one")
+    assert train_inprocess(straight) == 0
+    moved = no_bn_recipe("moved")
+    proc = subprocess.Popen(train_cmd(moved, "checkpoint.every_steps=4"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+    wait_for_checkpoint(tmp_path / "moved", 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED
+    done = subprocess.run(launch_cmd(moved, "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                                     str(free_port())) + ["--resume", "auto", "checkpoint.every_steps=4"],
+                          capture_output=True, text=True, env=cpu_env(), cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming a run saved with 1 process(es) on 2: the global batch is kept" in done.stderr
+    run1, run2 = only_run(tmp_path / "one"), only_run(tmp_path / "moved")
+    assert json.loads((run2 / "results.json").read_text())["steps"] == 30
+    w1, w2 = weights(run1 / "model" / "last"), weights(run2 / "model" / "last")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    val = lambda run: [(r["step"], r["n"], r["top1"]) for r in metrics_rows(run) if r["event"] in ("val", "test")]
+    assert val(run1) == val(run2)
