@@ -1,6 +1,6 @@
 """Time-to-accuracy of a shipped recipe: train it as a user would, then print the README's results row.
 
-    HF_HUB_OFFLINE=1 python benchmarks/train_recipe.py recipes/mnist.toml [section.key=value ...]
+    HF_HUB_OFFLINE=1 python benchmarks/train_recipe.py recipes/mnist.toml [--config_file CFG] [section.key=value ...]
 
 Runs `accelerate launch -m imgcls.train RECIPE ...` in a fresh run directory, measures the wall time of the
 whole command (start-up, data loading, training, evaluation, calibration), and prints one markdown row from the
@@ -19,11 +19,15 @@ from imgcls.recipe import load_recipe
 
 def main(argv: list[str]) -> int:
     recipe_path, overrides = argv[0], argv[1:]
+    launch = []
+    if "--config_file" in overrides:  # an accelerate config: hardware for `accelerate launch`
+        at = overrides.index("--config_file")
+        launch, overrides = overrides[at:at + 2], overrides[:at] + overrides[at + 2:]
     recipe = load_recipe(recipe_path, overrides)
     runs = Path(recipe.checkpoint.output_dir) / recipe.name
     before = set(runs.iterdir()) if runs.is_dir() else set()
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "imgcls.train", recipe_path, *overrides]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "imgcls.train", recipe_path, *overrides]
     code = subprocess.call(cmd)
     wall = time.perf_counter() - start
     if code:

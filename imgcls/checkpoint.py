@@ -50,8 +50,19 @@ class TrainState:
             setattr(self, key, value)
 
 
+def recover_dir(dest: Path) -> None:
+    """A kill between the two renames of `replace_dir` leaves `.<name>.old` and no `<name>`: put it back."""
+    if not dest.name:
+        return
+    old = dest.with_name(f".{dest.name}.old")
+    if old.is_dir() and not dest.exists():
+        os.replace(old, dest)
+        log.warning("%s was missing after an interrupted replace; restored it from %s", dest, old.name)
+
+
 def replace_dir(tmp: Path, dest: Path) -> None:
     """Move a fully written `tmp` to `dest`, replacing any previous `dest` by rename, never in place."""
+    recover_dir(dest)
     old = dest.with_name(f".{dest.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -140,6 +151,8 @@ def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml:
 def artifact_path(path: str | Path) -> Path:
     """An artifact folder, or a run folder (-> its model/best)."""
     p = Path(path)
+    recover_dir(p)
+    recover_dir(p / "model" / "best")
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return p
     if (p / "model" / "best" / "config.json").is_file():

@@ -1,6 +1,9 @@
 """Building the Accelerator: precision policy, process group, and the batch arithmetic across processes."""
 from __future__ import annotations
 
+import os
+
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
@@ -24,6 +27,25 @@ def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) 
             "fp32. Use train.mixed_precision=\"bf16\" (autocast works on CPU) or \"no\", or run on a GPU."
         )
     return accelerator
+
+
+def cpu_threads_note(device: torch.device, threads: int | None = None, cores: int | None = None,
+                     local_processes: int | None = None) -> str | None:
+    """On the CPU, say so when this process computes with fewer threads than its share of the cores: a bare
+    `accelerate launch` (no --cpu, no config with use_cpu) sets OMP_NUM_THREADS=1. We do not override a thread
+    count the user may have chosen; we say how to change it."""
+    if device.type != "cpu":
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_processes is None else local_processes
+    share = max(cores // max(local, 1), 1)
+    if threads >= share:
+        return None
+    return (f"training on the CPU with {threads} thread(s) per process while {cores} core(s) are available to "
+            f"{local} process(es) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; `accelerate "
+            f"launch` sets 1 unless it runs with --cpu or a config with use_cpu: true). For speed, launch with "
+            f"--num_cpu_threads_per_process {share} or --config_file accelerate_configs/cpu.yaml")
 
 
 def per_device_batch(global_batch: int, world_size: int, accum: int) -> int:

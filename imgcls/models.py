@@ -53,14 +53,17 @@ def _info(msg: str, *args: Any) -> None:
 
 
 class SmallCNN(nn.Module):
-    """Two blocks of [conv3x3-norm-relu x2, maxpool] (width, 2*width), global average pool, linear `head`."""
+    """`blocks` blocks of [conv3x3-norm-relu x2, maxpool], widths width, 2*width, 4*width, ...; global average
+    pool; linear `head`."""
 
-    def __init__(self, num_classes: int, in_channels: int, width: int, dropout: float, norm: str) -> None:
+    def __init__(self, num_classes: int, in_channels: int, width: int, dropout: float, norm: str,
+                 blocks: int = 2) -> None:
         super().__init__()
-        self.features = nn.Sequential(_block(in_channels, width, norm), _block(width, 2 * width, norm))
+        widths = [width * 2 ** i for i in range(blocks)]
+        self.features = nn.Sequential(*(_block(cin, cout, norm) for cin, cout in zip([in_channels] + widths, widths)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * width, num_classes)
+        self.head = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -82,10 +85,13 @@ def _block(cin: int, cout: int, norm: str) -> nn.Sequential:
 
 
 def small_cnn(num_classes: int, in_channels: int, image_size: tuple[int, int], *,
-              width: int = 32, dropout: float = 0.25, norm: str = "batch") -> nn.Module:
+              width: int = 32, dropout: float = 0.25, norm: str = "batch", blocks: int = 2) -> nn.Module:
     if norm not in NORMS:
         raise RecipeError(f"model.args.norm: {norm!r} is not one of {', '.join(NORMS)}")
-    return SmallCNN(num_classes, in_channels, width, dropout, norm)
+    if not 1 <= blocks or min(image_size) < 2 ** blocks:
+        raise RecipeError(f"model.args.blocks: {blocks} blocks halve the image {blocks} times, which "
+                          f"{image_size[0]}x{image_size[1]} cannot take; use 1 to {int(math.log2(min(image_size)))}")
+    return SmallCNN(num_classes, in_channels, width, dropout, norm, blocks)
 
 
 def gem_resnet(num_classes: int, in_channels: int, image_size: tuple[int, int], *,

@@ -209,16 +209,17 @@ def decide(probs: np.ndarray, reject_below: float) -> tuple[np.ndarray, np.ndarr
     return top, rest > 1.0 - reject_below
 
 
-def _rows(paths: list[str], probs: np.ndarray, names: list[str], top_k: int, reject_below: float) -> list[dict]:
+def _rows(paths: list[str], probs: np.ndarray, names: list[str], top_k: int, reject_below: float,
+          uncertain_label: str) -> list[dict]:
     top, uncertain = decide(probs, reject_below)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-    return [{"path": p, "prediction": UNCERTAIN if u else names[t], "probability": float(probs[i, t]),
+    return [{"path": p, "prediction": uncertain_label if u else names[t], "probability": float(probs[i, t]),
              "top_k": [(names[j], float(probs[i, j])) for j in order[i]]}
             for i, (p, t, u) in enumerate(zip(paths, top, uncertain))]
 
 
 def predict(model: Predictor, paths: list[str], batch_size: int = 32, top_k: int = 3, reject_below: float = 0.0,
-            tta: bool = False, tta_crop: float = 0.0) -> Iterator[dict]:
+            tta: bool = False, tta_crop: float = 0.0, uncertain_label: str = UNCERTAIN) -> Iterator[dict]:
     """One row per path, in order: prediction, probability, top-k; or `error` for an unreadable file."""
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=None, dynamic_ncols=True)
     for start in range(0, len(paths), batch_size):
@@ -234,7 +235,8 @@ def predict(model: Predictor, paths: list[str], batch_size: int = 32, top_k: int
             views = arrays[0].shape[0]
             logits = model.run(np.concatenate(arrays)).reshape(len(good), views, -1)
             probs = softmax(logits, model.temperature).mean(axis=1)
-            rows.update((r["path"], r) for r in _rows(good, probs, model.class_names, top_k, reject_below))
+            rows.update((r["path"], r) for r in _rows(good, probs, model.class_names, top_k, reject_below,
+                                                                 uncertain_label))
         yield from (rows[p] for p in chunk)
         bar.update(len(chunk))
     bar.close()
@@ -265,7 +267,8 @@ def jsonl_writer(stream, top_k: int) -> Callable[[dict], None]:
 
 
 def sort_into(rows: list[dict], dest: Path) -> int:
-    """Copy each predicted image to dest/<answer>/ (`uncertain` included); same names get a numeric suffix."""
+    """Copy each predicted image to dest/<answer>/ (the uncertain answer included); same names get a numeric
+    suffix."""
     used: set[Path] = set()
     for row in rows:
         src = Path(row["path"])
@@ -294,6 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta", action="store_true", help="average softmax over the image and its horizontal flip")
     p.add_argument("--tta-crop", type=float, default=0.0, metavar="FRACTION",
                    help="also average in a center crop of this fraction of each side, e.g. 0.875")
+    p.add_argument("--uncertain-label", default=UNCERTAIN, metavar="NAME",
+                   help="the answer below --reject-below (default 'uncertain'); must not be a class name")
     p.add_argument("--sort-into", type=Path, metavar="DIR", help="copy images into DIR/<label>/, DIR/uncertain/")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     args = p.parse_args(argv)
@@ -315,6 +320,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.reject_below > 0 and args.uncertain_label in model.class_names:
+        print(f"error: {args.model} has a class named {args.uncertain_label!r}, so that answer would be ambiguous "
+              f"with --reject-below; pass --uncertain-label with another name, e.g. --uncertain-label UNSURE",
+              file=sys.stderr)
+        return 2
     paths = expand_inputs(args.inputs)
     if not paths:
         print(f"error: no input files in {args.inputs}", file=sys.stderr)
@@ -326,7 +336,8 @@ def main(argv=None) -> int:
     write = (jsonl_writer if args.format == "jsonl" else csv_writer)(stream, top_k)
     done, failed = [], 0
     try:
-        for row in predict(model, paths, args.batch_size, top_k, args.reject_below, args.tta, args.tta_crop):
+        for row in predict(model, paths, args.batch_size, top_k, args.reject_below, args.tta, args.tta_crop,
+                           args.uncertain_label):
             write(row)
             if "error" in row:
                 failed += 1
@@ -337,7 +348,7 @@ def main(argv=None) -> int:
             stream.close()
     if args.sort_into:
         log.info("copied %d images into %s", sort_into(done, args.sort_into), args.sort_into)
-    uncertain = sum(r["prediction"] == UNCERTAIN for r in done)
+    uncertain = sum(r["prediction"] == args.uncertain_label for r in done)
     log.info("%d inputs: %d predicted (%d uncertain), %d failed%s", len(paths), len(done), uncertain, failed,
              f"; wrote {args.output}" if args.output else "")
     return 0

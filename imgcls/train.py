@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .calibration import calibrate_artifact
 from .data import DataSplits, build_splits, make_datasets, make_loader
-from .distributed import create_accelerator, per_device_batch
+from .distributed import cpu_threads_note, create_accelerator, per_device_batch
 from .metrics import evaluate, per_class_accuracy, scalars
 from .models import apply_freeze, build_model, check_model_args, count_parameters, load_weights, set_train_mode
 from .preflight import PreflightError
@@ -130,6 +130,9 @@ def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | No
     if resume == "auto" and source is None:
         log.info("--resume auto: no complete checkpoint of %r yet; starting a new run", recipe.name)
     if source is not None:
+        if accelerator.is_main_process:
+            for name in ("best", "last"):
+                ckpt.recover_dir(run_dir / "model" / name)
         for change in check_resume_recipe(recipe, run_dir):
             log.info("recipe change on resume (allowed): %s", change)
     return run_dir, source
@@ -200,6 +203,8 @@ def log_eval(runlog: RunLog, split: str, step: int, epoch: int, metrics: dict, n
 def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
     accelerator = create_accelerator(recipe.train, recipe.seed)  # trackers are started by RunLog, one by one
     setup_logging(accelerator)
+    if note := cpu_threads_note(accelerator.device):
+        log.warning(note)
     set_seed(recipe.seed)
     plan = make_plan(recipe, accelerator.num_processes)
     if dry_run:

@@ -148,3 +148,18 @@ def test_resume_on_another_process_count_keeps_the_global_batch_and_the_data_pos
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     val = lambda run: [(r["step"], r["n"], r["top1"]) for r in metrics_rows(run) if r["event"] in ("val", "test")]
     assert val(run1) == val(run2)
+
+
+def test_too_few_cpu_threads_are_named_with_the_fix(monkeypatch):
+    from imgcls.distributed import cpu_threads_note
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cpu = torch.device("cpu")
+    note = cpu_threads_note(cpu, threads=1, cores=2, local_processes=1)
+    assert note == ("training on the CPU with 1 thread(s) per process while 2 core(s) are available to 1 process(es) "
+                    "(OMP_NUM_THREADS=1; `accelerate launch` sets 1 unless it runs with --cpu or a config with "
+                    "use_cpu: true). For speed, launch with --num_cpu_threads_per_process 2 or --config_file "
+                    "accelerate_configs/cpu.yaml")
+    assert cpu_threads_note(cpu, threads=1, cores=2, local_processes=2) is None  # 2 processes share 2 cores
+    assert cpu_threads_note(cpu, threads=2, cores=2, local_processes=1) is None
+    assert cpu_threads_note(torch.device("cuda"), threads=1, cores=64, local_processes=1) is None

@@ -22,6 +22,7 @@ FAMILIES = [
     ("small_cnn", {"norm": "batch"}, 28, "head"),
     ("small_cnn", {"norm": "group"}, 28, "head"),
     ("small_cnn", {"norm": "none"}, 28, "head"),
+    ("small_cnn", {"blocks": 3}, 28, "head"),
     ("gem_resnet", {}, 32, "fc"),
     ("resnet18", {}, 32, "fc"),
     ("vgg11", {}, 32, "classifier"),
@@ -74,10 +75,16 @@ def test_every_registered_model_builds_for_one_channel_with_a_findable_head():
         assert getattr(outputs, "out_features", getattr(outputs, "out_channels", None)) == 7, name
 
 
-def test_small_cnn_takes_any_input_of_at_least_8_pixels():
-    model = build_model(_cfg("small_cnn", args={"width": 8}), 3, 1, (8, 12)).eval()
-    assert model(torch.zeros(4, 1, 8, 12)).shape == (4, 3)
+def test_small_cnn_takes_any_input_its_blocks_can_halve():
+    model = build_model(_cfg("small_cnn", args={"width": 8}), 3, 1, (4, 12)).eval()
+    assert model(torch.zeros(4, 1, 4, 12)).shape == (4, 3)
     assert model.head.in_features == 16
+    deeper = build_model(_cfg("small_cnn", args={"width": 8, "blocks": 3}), 3, 1, (8, 8)).eval()
+    assert deeper(torch.zeros(2, 1, 8, 8)).shape == (2, 3) and deeper.head.in_features == 32
+    with pytest.raises(RecipeError) as e:
+        build_model(_cfg("small_cnn", args={"blocks": 4}), 3, 1, (8, 12))
+    assert str(e.value) == ("model.args.blocks: 4 blocks halve the image 4 times, which 8x12 cannot take; "
+                            "use 1 to 3")
     no_norm = build_model(_cfg("small_cnn", args={"norm": "none"}), 3, 1, (8, 8))
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in no_norm.modules())
 
@@ -102,7 +109,7 @@ def test_bad_args():
     with pytest.raises(RecipeError) as e:
         check_model_args(_cfg("small_cnn", args={"widht": 16}))
     assert str(e.value) == ("model.args.widht: unexpected argument 'widht' for small_cnn; did you mean 'width'? "
-                            "accepted: width, dropout, norm")
+                            "accepted: width, dropout, norm, blocks")
     with pytest.raises(RecipeError) as e:
         check_model_args(_cfg("small_cnn", args={"widht": 16, "depth": 3}))
     assert "model.args.widht" in str(e.value) and "model.args.depth" in str(e.value)

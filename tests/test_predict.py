@@ -60,6 +60,15 @@ def test_reject_below_one_marks_every_image_uncertain(models, tmp_path):
         assert all(r["top_k"][0]["label"] in "abcd" for r in rows)  # the ranking is still reported
 
 
+def test_the_uncertain_answer_may_not_be_a_class_name(models, tmp_path, capsys):
+    best, onnx_file, images = models
+    assert predict_main([str(onnx_file), str(images), "--reject-below", "0.5", "--uncertain-label", "c"]) == 2
+    assert (f"error: {onnx_file} has a class named 'c', so that answer would be ambiguous with --reject-below; "
+            f"pass --uncertain-label with another name") in capsys.readouterr().err
+    rows = run_predict(best, images, "--reject-below", "1.0", "--uncertain-label", "UNSURE", tmp_path=tmp_path)
+    assert {r["prediction"] for r in rows} == {"UNSURE"}
+
+
 def test_unreadable_files_are_reported_and_skipped(models, tmp_path, capsys, caplog):
     best, onnx_file, images = models
     folder = shutil.copytree(images, tmp_path / "mixed")

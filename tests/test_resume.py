@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_recipe
 from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
@@ -133,3 +134,28 @@ def test_pruning_renames_before_deleting(tmp_path):
         (ckpt / MARKER).write_text("{}")
     prune_checkpoints(run, keep_last=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]
+
+
+def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
+    """replace_dir renames best -> .best.old, then .best.tmp -> best; a kill in between leaves only .best.old."""
+    from imgcls.checkpoint import load_artifact, save_artifact
+    from imgcls.models import build_model
+    from imgcls.recipe import ModelConfig
+
+    model = build_model(ModelConfig(name="small_cnn", args={"width": 4}), 3, 1, (8, 8))
+    config = {"model": {"name": "small_cnn", "args": {"width": 4}, "num_classes": 3, "in_channels": 1},
+              "preprocess": {"image_size": [8, 8]}}
+    best = tmp_path / "run" / "model" / "best"
+    save_artifact(best, model, config, "")
+    best.rename(best.with_name(".best.old"))  # the state right after the first rename
+
+    loaded, _ = load_artifact(tmp_path / "run")  # a run folder: its model/best is found again
+    assert best.is_dir() and not best.with_name(".best.old").exists()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+    best.rename(best.with_name(".best.old"))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_artifact(best, model, config, "")  # the next save from that state leaves exactly one, new, best
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
+    assert torch.equal(next(load_artifact(best)[0].parameters()), next(model.parameters()))
