@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, write_recipe
 from imgcls.recipe import Recipe, RecipeError, load_recipe, recipe_diff, recipe_to_toml
@@ -263,6 +264,10 @@ def test_shipped_recipe_validates_and_names_its_run_command(path):
     assert lines[0].startswith("# ")
     header = [line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
     assert any(f"imgcls.train recipes/{path.name}" in line for line in header), header
+    from imgcls.models import build_model  # the model's own arguments are checked when it is built
+
+    model = build_model(r.model, 10, r.data.channels, r.data.image_size)
+    assert model(torch.zeros(2, r.data.channels, *r.data.image_size)).shape == (2, 10)
 
 
 # ---------------------------------------------------------------- diff
