@@ -14,14 +14,15 @@ from conftest import write_recipe
 from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
                      train_inprocess, wait_for_checkpoint, weights)
 from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
+from imgcls.recipe import load_recipe
 from imgcls.train import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
 
-def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1) -> Path:
+def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1, workers: int = 0) -> Path:
     # augmentation and dropout on, so RNG state and data position both matter
-    data = f'source = "folder"\nroot = "{image_folder}"'
+    data = f'source = "folder"\nroot = "{image_folder}"\nworkers = {workers}'
     extra = "every_steps = 3\nkeep_last = 3"
     recipe = write_recipe(tmp_path / f"{runs}.toml", data, extra, output_dir=tmp_path / runs,
                           augment="crop_padding = 2\nhflip = 0.5")
@@ -30,13 +31,16 @@ def _recipe(tmp_path: Path, image_folder: Path, runs: str, accum: int = 1) -> Pa
     return recipe
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, accum):
+@pytest.mark.parametrize("accum, workers", [(1, 0), (2, 0), (1, 2)])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, accum, workers):
+    """Run B may load its data in worker processes: augmentation is seeded per image, so A (in-process loading)
+    and B still see the same pixels."""
     straight = _recipe(tmp_path, image_folder, "a", accum)
     assert train_inprocess(straight) == 0
     run_a = only_run(tmp_path / "a")
 
-    killed = _recipe(tmp_path, image_folder, "b", accum)
+    killed = _recipe(tmp_path, image_folder, "b", accum, workers)
+    assert load_recipe(killed).data.workers == workers
     proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(), cwd=tmp_path)
     wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
