@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -121,7 +121,12 @@ def artifact_config(recipe: Recipe, plan: Plan, extra: dict) -> dict:
 
 def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | None]:
     """Pick the run dir on the main process and share it; a resumed run continues in its own folder."""
-    source = resolve_resume(recipe, resume)  # on every process: a bad --resume fails everywhere, nobody waits
+    try:  # on every process (each reads its own filesystem), then agreed on by all: nobody is left waiting
+        found = (accelerator.process_index, str(resolve_resume(recipe, resume) or ""), "")
+    except RecipeError as e:
+        found = (accelerator.process_index, "", str(e))
+    agreed = resume_consensus(gather_object([found]) if accelerator.num_processes > 1 else [found])
+    source = Path(agreed) if agreed else None
     if source is not None:
         run_dir = source.parent.parent
     else:  # a new folder is named by the clock: the main process names it for all
@@ -136,6 +141,23 @@ def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | No
         for change in check_resume_recipe(recipe, run_dir):
             log.info("recipe change on resume (allowed): %s", change)
     return run_dir, source
+
+
+def resume_consensus(seen: list[tuple[int, str, str]]) -> str:
+    """(process, checkpoint it found or "", error or "") from every process -> the one checkpoint all resume from.
+    Processes that see different checkpoints (nodes without a shared filesystem) would resume from different
+    states: refused, naming what each process saw."""
+    errors = [(rank, err) for rank, _, err in seen if err]
+    if errors:
+        rank, err = errors[0]
+        raise RecipeError(err if len(seen) == 1 else f"process {rank}: {err}")
+    paths = {path for _, path, _ in seen}
+    if len(paths) > 1:
+        lines = "\n".join(f"  process {rank}: {path or '(no complete checkpoint)'}" for rank, path, _ in seen)
+        raise RecipeError("the processes do not see the same checkpoint to resume from:\n" + lines + "\n"
+                          "checkpoint.output_dir must be on a filesystem shared by all nodes (or copy the run "
+                          "folder to every node), then resume again")
+    return paths.pop()
 
 
 def setup_logging(accelerator, run_dir: Path | None = None) -> None:

@@ -163,3 +163,13 @@ def test_too_few_cpu_threads_are_named_with_the_fix(monkeypatch):
     assert cpu_threads_note(cpu, threads=1, cores=2, local_processes=2) is None  # 2 processes share 2 cores
     assert cpu_threads_note(cpu, threads=2, cores=2, local_processes=1) is None
     assert cpu_threads_note(torch.device("cuda"), threads=1, cores=64, local_processes=1) is None
+
+
+def test_a_bad_resume_path_stops_every_process_with_the_reason(tmp_path, no_bn_recipe):
+    recipe = no_bn_recipe("bad")
+    done = subprocess.run(launch_cmd(recipe, "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                                     str(free_port())) + ["--resume", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, env=cpu_env(), cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert f"--resume {tmp_path / 'nowhere'}: not a complete checkpoint (no COMPLETE marker)" in done.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written

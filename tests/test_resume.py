@@ -14,7 +14,7 @@ from conftest import write_recipe
 from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
                      train_inprocess, wait_for_checkpoint, weights)
 from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
-from imgcls.recipe import load_recipe
+from imgcls.recipe import RecipeError, load_recipe
 from imgcls.train import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -163,3 +163,20 @@ def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
     save_artifact(best, model, config, "")  # the next save from that state leaves exactly one, new, best
     assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
     assert torch.equal(next(load_artifact(best)[0].parameters()), next(model.parameters()))
+
+
+def test_processes_that_see_different_checkpoints_are_refused():
+    """Nodes without a shared filesystem find different checkpoints (or none): resuming would mix states."""
+    from imgcls.train import resume_consensus
+
+    ckpt = "runs/tiny/20260101-000000/checkpoints/step-0000012"
+    assert resume_consensus([(0, ckpt, ""), (1, ckpt, "")]) == ckpt
+    assert resume_consensus([(0, "", ""), (1, "", "")]) == ""
+    with pytest.raises(RecipeError) as e:
+        resume_consensus([(0, ckpt, ""), (1, "", "")])
+    assert str(e.value) == ("the processes do not see the same checkpoint to resume from:\n"
+                            f"  process 0: {ckpt}\n  process 1: (no complete checkpoint)\n"
+                            "checkpoint.output_dir must be on a filesystem shared by all nodes (or copy the run "
+                            "folder to every node), then resume again")
+    with pytest.raises(RecipeError, match=r"^process 1: --resume x: not a complete checkpoint"):
+        resume_consensus([(0, ckpt, ""), (1, "", "--resume x: not a complete checkpoint (no COMPLETE marker)")])
