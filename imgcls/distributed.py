@@ -37,7 +37,8 @@ def cpu_threads_note(device: torch.device, threads: int | None = None, cores: in
     if device.type != "cpu":
         return None
     threads = torch.get_num_threads() if threads is None else threads
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    if cores is None:  # the cores this process may run on (Linux); elsewhere (macOS, Windows) all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_processes is None else local_processes
     share = max(cores // max(local, 1), 1)
     if threads >= share:

@@ -173,3 +173,15 @@ def test_a_bad_resume_path_stops_every_process_with_the_reason(tmp_path, no_bn_r
     assert done.returncode != 0
     assert f"--resume {tmp_path / 'nowhere'}: not a complete checkpoint (no COMPLETE marker)" in done.stderr
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_thread_note_works_without_sched_getaffinity(monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity: the core count falls back to os.cpu_count()."""
+    import os
+
+    from imgcls.distributed import cpu_threads_note
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "while 8 core(s) are available to 2 process(es)" in cpu_threads_note(torch.device("cpu"), threads=1)
