@@ -11,8 +11,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .checkpoint import MARKER, complete_checkpoints, find_resume
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object
+
+from .checkpoint import MARKER, complete_checkpoints, find_resume, recover_dir
 from .recipe import Recipe, RecipeError, load_recipe, recipe_diff
+
+log = get_logger(__name__)
 
 # Changing these on resume keeps the saved state meaningful; anything else is refused.
 SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "train.eval_every_epochs",
@@ -101,3 +106,44 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | None]:
+    """Pick the run dir on the main process and share it; a resumed run continues in its own folder."""
+    try:  # on every process (each reads its own filesystem), then agreed on by all: nobody is left waiting
+        found = (accelerator.process_index, str(resolve_resume(recipe, resume) or ""), "")
+    except RecipeError as e:
+        found = (accelerator.process_index, "", str(e))
+    agreed = resume_consensus(gather_object([found]) if accelerator.num_processes > 1 else [found])
+    source = Path(agreed) if agreed else None
+    if source is not None:
+        run_dir = source.parent.parent
+    else:  # a new folder is named by the clock: the main process names it for all
+        name = [str(new_run_dir(recipe)) if accelerator.is_main_process else None]
+        run_dir = Path(broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0])
+    if resume == "auto" and source is None:
+        log.info("--resume auto: no complete checkpoint of %r yet; starting a new run", recipe.name)
+    if source is not None:
+        if accelerator.is_main_process:
+            for name in ("best", "last"):
+                recover_dir(run_dir / "model" / name)
+        for change in check_resume_recipe(recipe, run_dir):
+            log.info("recipe change on resume (allowed): %s", change)
+    return run_dir, source
+
+
+def resume_consensus(seen: list[tuple[int, str, str]]) -> str:
+    """(process, checkpoint it found or "", error or "") from every process -> the one checkpoint all resume from.
+    Processes that see different checkpoints (nodes without a shared filesystem) would resume from different
+    states: refused, naming what each process saw."""
+    errors = [(rank, err) for rank, _, err in seen if err]
+    if errors:
+        rank, err = errors[0]
+        raise RecipeError(err if len(seen) == 1 else f"process {rank}: {err}")
+    paths = {path for _, path, _ in seen}
+    if len(paths) > 1:
+        lines = "\n".join(f"  process {rank}: {path or '(no complete checkpoint)'}" for rank, path, _ in seen)
+        raise RecipeError("the processes do not see the same checkpoint to resume from:\n" + lines + "\n"
+                          "checkpoint.output_dir must be on a filesystem shared by all nodes (or copy the run "
+                          "folder to every node), then resume again")
+    return paths.pop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -33,7 +33,7 @@ from .models import apply_freeze, build_model, check_model_args, count_parameter
 from .preflight import PreflightError
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, RecipeError, load_recipe, recipe_to_toml
-from .runinfo import check_resume_recipe, environment, new_run_dir, resolve_resume, write_json
+from .runinfo import environment, setup_run, write_json
 from .sources import DataError
 from .tracking import RunLog
 from .transforms import Preprocess, batch_mix
@@ -117,47 +117,6 @@ def artifact_config(recipe: Recipe, plan: Plan, extra: dict) -> dict:
                       "num_classes": len(plan.splits.class_names), "in_channels": recipe.data.channels},
             "class_names": plan.splits.class_names,
             "preprocess": Preprocess.from_data(recipe.data).to_dict(), "temperature": 1.0, **extra}
-
-
-def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | None]:
-    """Pick the run dir on the main process and share it; a resumed run continues in its own folder."""
-    try:  # on every process (each reads its own filesystem), then agreed on by all: nobody is left waiting
-        found = (accelerator.process_index, str(resolve_resume(recipe, resume) or ""), "")
-    except RecipeError as e:
-        found = (accelerator.process_index, "", str(e))
-    agreed = resume_consensus(gather_object([found]) if accelerator.num_processes > 1 else [found])
-    source = Path(agreed) if agreed else None
-    if source is not None:
-        run_dir = source.parent.parent
-    else:  # a new folder is named by the clock: the main process names it for all
-        name = [str(new_run_dir(recipe)) if accelerator.is_main_process else None]
-        run_dir = Path(broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0])
-    if resume == "auto" and source is None:
-        log.info("--resume auto: no complete checkpoint of %r yet; starting a new run", recipe.name)
-    if source is not None:
-        if accelerator.is_main_process:
-            for name in ("best", "last"):
-                ckpt.recover_dir(run_dir / "model" / name)
-        for change in check_resume_recipe(recipe, run_dir):
-            log.info("recipe change on resume (allowed): %s", change)
-    return run_dir, source
-
-
-def resume_consensus(seen: list[tuple[int, str, str]]) -> str:
-    """(process, checkpoint it found or "", error or "") from every process -> the one checkpoint all resume from.
-    Processes that see different checkpoints (nodes without a shared filesystem) would resume from different
-    states: refused, naming what each process saw."""
-    errors = [(rank, err) for rank, _, err in seen if err]
-    if errors:
-        rank, err = errors[0]
-        raise RecipeError(err if len(seen) == 1 else f"process {rank}: {err}")
-    paths = {path for _, path, _ in seen}
-    if len(paths) > 1:
-        lines = "\n".join(f"  process {rank}: {path or '(no complete checkpoint)'}" for rank, path, _ in seen)
-        raise RecipeError("the processes do not see the same checkpoint to resume from:\n" + lines + "\n"
-                          "checkpoint.output_dir must be on a filesystem shared by all nodes (or copy the run "
-                          "folder to every node), then resume again")
-    return paths.pop()
 
 
 def setup_logging(accelerator, run_dir: Path | None = None) -> None:

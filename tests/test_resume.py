@@ -167,7 +167,7 @@ def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
 
 def test_processes_that_see_different_checkpoints_are_refused():
     """Nodes without a shared filesystem find different checkpoints (or none): resuming would mix states."""
-    from imgcls.train import resume_consensus
+    from imgcls.runinfo import resume_consensus
 
     ckpt = "runs/tiny/20260101-000000/checkpoints/step-0000012"
     assert resume_consensus([(0, ckpt, ""), (1, ckpt, "")]) == ckpt
