@@ -100,6 +100,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: in
         replace_dir(tmp, dest)
         (dest / MARKER).write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
         prune_checkpoints(run_dir, keep_last)
+        log.info("checkpoint at step %d -> %s", state.step, dest)
     accelerator.wait_for_everyone()
     return dest
 

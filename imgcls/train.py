@@ -125,6 +125,8 @@ def setup_logging(accelerator, run_dir: Path | None = None) -> None:
     root = logging.getLogger()
     logging.basicConfig(format=fmt, datefmt="%H:%M:%S")
     root.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file, naming the .tmp
+        logging.getLogger(noisy).setLevel(logging.WARNING)                 # folder: we log the checkpoint once
     for handler in [h for h in root.handlers if getattr(h, "imgcls_run_log", False)]:
         root.removeHandler(handler)  # a previous run in this process (tests, notebooks)
         handler.close()

@@ -147,3 +147,11 @@ def test_shipped_mnist_recipe_resolves_the_hub_name_from_the_datasets_cache(tmp_
     out = done.stdout
     assert 'dataset = "ylecun/mnist"' in out
     assert "mnist: 10 classes, train 55000 / val 5000 / test 10000, model small_cnn" in out
+
+
+def test_a_checkpoint_is_logged_once_by_its_final_path(folder_recipe, tmp_path):
+    assert train_inprocess(folder_recipe, "train.epochs=1") == 0
+    run = only_run(tmp_path / "runs")
+    text = (run / "train.log").read_text()
+    assert f"checkpoint at step 10 -> {run / 'checkpoints' / 'step-0000010'}" in text
+    assert ".tmp" not in text  # accelerate's per-file lines name the temporary folder
