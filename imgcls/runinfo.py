@@ -109,7 +109,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def setup_run(recipe: Recipe, accelerator, resume: str) -> tuple[Path, Path | None]:
-    """Pick the run dir on the main process and share it; a resumed run continues in its own folder."""
+    """All processes agree on the checkpoint to resume from, if any: a resumed run continues in its own folder;
+    a new run gets a folder named by the main process."""
     try:  # on every process (each reads its own filesystem), then agreed on by all: nobody is left waiting
         found = (accelerator.process_index, str(resolve_resume(recipe, resume) or ""), "")
     except RecipeError as e:
