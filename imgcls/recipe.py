@@ -10,9 +10,11 @@ from __future__ import annotations
 import difflib
 import sys
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,14 +29,32 @@ class RecipeError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML values have real types, so nothing is coerced (`seed = true` is not 1, "3" is not 3);
+    # an integer is still accepted where a float is expected
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _array_to_tuple(value: Any) -> Any:
+    """TOML arrays arrive as lists; strict mode would refuse them for fixed-length fields."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """`Literal[1, 3]` alone would take `true` as 1 (True == 1 in Python)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("literal_error", "Input should be 1 or 3")
+    return value
+
+
+IntPair = Annotated[tuple[int, int], BeforeValidator(_array_to_tuple)]
+FloatPair = Annotated[tuple[float, float], BeforeValidator(_array_to_tuple)]
 
 
 class AugmentConfig(Section):
     """`[data.augment]`: train-time augmentation (evaluation never augments)."""
 
     random_resized_crop: bool = False
-    scale: tuple[float, float] = (0.08, 1.0)
+    scale: FloatPair = (0.08, 1.0)
     crop_padding: int = Field(0, ge=0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     rotation: float = Field(0.0, ge=0.0, le=180.0)
@@ -76,8 +96,8 @@ class DataConfig(Section):
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
     # preprocessing, stored with the model
-    image_size: tuple[int, int] = (224, 224)
-    channels: Literal[1, 3] = 3
+    image_size: IntPair = (224, 224)
+    channels: Annotated[Literal[1, 3], BeforeValidator(_not_a_boolean)] = 3
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
@@ -142,7 +162,7 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: FloatPair = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0.0)
     decay_norm_and_bias: bool = False
     grad_clip_norm: float = Field(0.0, ge=0.0)
@@ -276,8 +296,24 @@ def _describe(err: dict) -> str:
         return f"{dotted}: required key is missing"
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    if isinstance(got, dict):
+        shown = ""
+    elif err["type"].endswith("_type") or err["type"] == "int_from_float" or isinstance(got, bool):
+        shown = f" (got {_toml_value(got)}, {_TOML_TYPES.get(type(got), type(got).__name__)})"
+    else:
+        shown = f" (got {got!r})"
     return f"{dotted or '(recipe)'}: {msg}{shown}"
+
+
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+
+
+def _toml_value(value: Any) -> str:
+    """A value as it is written in TOML (true, "3"), so the user recognises their own line."""
+    try:
+        return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def validate_tree(tree: dict, source: str) -> Recipe:

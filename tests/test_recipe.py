@@ -63,7 +63,35 @@ def test_unknown_top_level_section(tmp_path):
 
 def test_wrong_type(tmp_path):
     assert one_problem(minimal(tmp_path, '[train]\nepochs = "ten"')) == (
-        "train.epochs: Input should be a valid integer, unable to parse string as an integer (got 'ten')")
+        'train.epochs: Input should be a valid integer (got "ten", a string)')
+
+
+@pytest.mark.parametrize("section, line, expected", [
+    ("", "seed = true", "seed: Input should be a valid integer (got true, a boolean)"),
+    ("", 'seed = "3"', 'seed: Input should be a valid integer (got "3", a string)'),
+    ("", "seed = 3.0", "seed: Input should be a valid integer (got 3.0, a float)"),
+    ("data", "shuffle = 1", "data.shuffle: Input should be a valid boolean (got 1, an integer)"),
+    ("data", 'shuffle = "yes"', 'data.shuffle: Input should be a valid boolean (got "yes", a string)'),
+    ("optim", "lr = true", "optim.lr: Input should be a valid number (got true, a boolean)"),
+    ("optim", 'lr = "0.1"', 'optim.lr: Input should be a valid number (got "0.1", a string)'),
+    ("data", "image_size = [28, true]", "data.image_size.1: Input should be a valid integer (got true, a boolean)"),
+    ("data", "channels = true", "data.channels: Input should be 1 or 3 (got true, a boolean)"),
+    ("checkpoint", "output_dir = 3", "checkpoint.output_dir: Input should be a valid string (got 3, an integer)"),
+])
+def test_types_are_strict(tmp_path, section, line, expected):
+    """TOML has real types: nothing is coerced (true is not 1, "3" is not 3, 1 is not true)."""
+    tables = {"data": 'dataset = "someone/tiny"'}
+    if section:
+        tables[section] = "\n".join(filter(None, [tables.get(section, ""), line]))
+    top = "" if section else line
+    text = f'name = "x"\n{top}\n' + "".join(f"[{k}]\n{v}\n" for k, v in tables.items())
+    assert one_problem(write(tmp_path, text)) == expected
+
+
+def test_ints_are_accepted_where_floats_are_expected(tmp_path):
+    recipe = load_recipe(minimal(tmp_path, "[optim]\nlr = 1\nweight_decay = 0"))
+    assert recipe.optim.lr == 1.0 and isinstance(recipe.optim.lr, float)
+    assert recipe.optim.weight_decay == 0.0
 
 
 def test_bad_choice_lists_the_allowed_values(tmp_path):
@@ -228,8 +256,7 @@ def test_override_that_makes_recipe_invalid(tiny):
     head, found = problems(tiny, ["train.epochs=ten", "data.channels=3"])
     assert head == f"{tiny}: 2 problems in the recipe:"
     assert sorted(found) == ["data: mean and std need 3 values (one per channel)",
-                             "train.epochs: Input should be a valid integer, unable to parse string as an integer "
-                             "(got 'ten')"]
+                             'train.epochs: Input should be a valid integer (got "ten", a string)']
 
 
 # ---------------------------------------------------------------- round trip and shipped recipes
