@@ -4,9 +4,10 @@ Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", 201
 scalar T fitted on the validation split by minimising the NLL of softmax(logits / T); it never changes the
 predicted class, only how confident the model says it is. The trainer calls `calibrate_artifact` at the end of
 training (`train.calibrate = true`) and stores T in `model/best/config.json`; predict and eval read it from
-there (or from an exported model's metadata).
+there (or from an exported model's metadata). A fitted T that would make the validation NLL or ECE worse is not
+used: T stays 1, and the stored result and a warning say so.
 
-    result = calibrate(val_logits, val_labels)          # {"temperature", "ece_before", "ece_after", ...}
+    result = calibrate(val_logits, val_labels)   # {"temperature", "kept_at_1", "ece_before", "ece_after", ...}
     conf, correct = confidence_correct(probs, labels)
     ece(conf, correct, n_bins=15)
 """
@@ -95,20 +96,34 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
 
 
 def calibrate(logits, labels, n_bins: int = N_BINS) -> dict:
-    """Fit T on (logits, labels); ECE and NLL before (T = 1) and after. T = 1 if fitting would not help."""
+    """Fit T on (logits, labels) and use it unless it makes the validation NLL or ECE worse; then T stays 1
+    (`kept_at_1`), the fit is still recorded (`fitted_temperature`, `ece_fitted`) and a warning says why.
+    `ece_after` / `nll_after` are at the temperature actually used. On a small validation set ECE is noisy,
+    but a T that worsens the one calibration number the user sees is not worth shipping."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+
+    def ece_at(t: float) -> float:
+        return ece(*confidence_correct(softmax(logits, t), labels), n_bins)
+    before, nll_before = ece_at(1.0), nll(logits, labels)
+    result = {"temperature": 1.0, "fitted_temperature": None, "kept_at_1": True, "ece_before": before,
+              "ece_fitted": None, "ece_after": before, "nll_before": nll_before, "nll_after": nll_before,
+              "bins": n_bins, "n": int(len(labels))}
     if (logits.argmax(axis=1) == labels).all():
         log.warning("calibration: every validation image is classified correctly, so the NLL keeps falling as "
                     "T -> 0 and has no minimum; temperature left at 1")
-        t = 1.0
+        return result
+    t = fit_temperature(logits, labels)
+    result.update(fitted_temperature=t, ece_fitted=ece_at(t))
+    if nll(logits, labels, t) > nll_before:
+        log.warning("calibration: the fitted temperature %.4f would raise the validation NLL from %.4f to %.4f, "
+                    "so the temperature is kept at 1", t, nll_before, nll(logits, labels, t))
+    elif result["ece_fitted"] > before:
+        log.warning("calibration: the fitted temperature %.4f would raise the validation ECE from %.4f to %.4f, "
+                    "so the temperature is kept at 1 (the model's own probabilities)", t, before, result["ece_fitted"])
     else:
-        t = fit_temperature(logits, labels)
-    if nll(logits, labels, t) > nll(logits, labels, 1.0):
-        t = 1.0
-    before = ece(*confidence_correct(softmax(logits), labels), n_bins)
-    after = ece(*confidence_correct(softmax(logits, t), labels), n_bins)
-    return {"temperature": t, "ece_before": before, "ece_after": after, "nll_before": nll(logits, labels),
-            "nll_after": nll(logits, labels, t), "bins": n_bins, "n": int(len(labels))}
+        result.update(temperature=t, kept_at_1=False, ece_after=result["ece_fitted"],
+                      nll_after=nll(logits, labels, t))
+    return result
 
 
 def write_calibration(artifact_dir: Path, calibration: dict) -> None:

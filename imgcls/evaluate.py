@@ -11,9 +11,12 @@ artifact's own recipe.toml. Class names must be the artifact's (a folder may hol
 preprocessed by the artifact's preprocessing exactly as imgcls-predict does, and probabilities use the
 artifact's temperature, so a threshold read off the coverage table means the same for `--reject-below`.
 
-Writes to --out (default `<artifact>/eval/`): `eval_<split>.json` (accuracy, top-5, per-class precision /
+Writes to --out (default `<artifact>/eval/`): `eval_<tag>.json` (accuracy, top-5, per-class precision /
 recall / F1, confusion matrix, ECE before/after temperature, reliability bins, coverage vs accuracy),
-`confusion_<split>.png`, `reliability_<split>.png`; prints a readable summary.
+`confusion_<tag>.png`, `reliability_<tag>.png`; prints a readable summary. The tag names what was evaluated:
+`<split>` for the artifact's own recipe, `<recipe file stem>_<split>` for --data RECIPE, `<folder>_<split>` or
+`<folder>` for a folder with or without split subfolders. Evaluating the same data again replaces its report;
+a report of other data under that name is never overwritten: the new one gets `_2`, `_3`, ...
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ from .transforms import Preprocess
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+OUTPUTS = (("eval", "json"), ("confusion", "png"), ("reliability", "png"))
 
 
 # ---------------------------------------------------------------- data
@@ -50,26 +55,54 @@ def folder_config(root: str, pre: dict) -> DataConfig:
                       crop_pct=pre.get("crop_pct", 1.0))
 
 
-def load_split(data: str | None, folder: Path, pre: dict, split: str) -> tuple[Split, list[str], str]:
-    """The split to evaluate, its class names, and a description of where it came from."""
+class EvalData(NamedTuple):
+    split: Split
+    names: list[str]
+    where: str  # what was evaluated, by resolved path: the report's `data`, compared before reusing a name
+    tag: str  # what the outputs are named after: eval_<tag>.json, confusion_<tag>.png, ...
+
+
+def load_split(data: str | None, folder: Path, pre: dict, split: str) -> EvalData:
+    """The split to evaluate, its class names, where it came from, and the tag of its outputs."""
     if data and Path(data).is_dir():
+        root = Path(data).resolve()
         splits, names = LOADERS["folder"](folder_config(data, pre))
-        if "train" not in {p.name.lower() for p in Path(data).iterdir() if p.is_dir()}:  # flat: all of it
+        if "train" not in {p.name.lower() for p in root.iterdir() if p.is_dir()}:  # flat: all of it
             (only,) = splits.values()
             log.info("%s has no train/val/test subfolders: evaluating all %d images", data, len(only))
-            return only, names, f"folder {data}"
-        found = splits
+            return EvalData(only, names, f"folder {root}", root.name or "root")
+        found, where, tag = splits, f"folder {root} [{split}]", f"{root.name or 'root'}_{split}"
     else:
-        recipe_path = data or str(folder / "recipe.toml")
+        recipe_path = Path(data or folder / "recipe.toml")
         cfg = load_recipe(recipe_path).data
         if Preprocess.from_data(cfg) != Preprocess.from_dict(pre):
             log.warning("%s: its preprocessing differs from the artifact's; the artifact's is used", recipe_path)
         splits = build_splits(cfg)
         names, found = splits.class_names, {"train": splits.train, "val": splits.val, "test": splits.test}
+        where = f"{'recipe' if data else 'artifact recipe'} {recipe_path.resolve()} [{split}]"
+        tag = f"{recipe_path.stem}_{split}" if data else split
     if found.get(split) is None:
         raise DataError(f"no {split!r} split in {data or 'the artifact recipe'}; available: "
                         f"{sorted(k for k, v in found.items() if v is not None)}")
-    return found[split], names, f"{data or 'artifact recipe'} [{split}]"
+    return EvalData(found[split], names, where, tag)
+
+
+def _report_data(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a report: not ours to overwrite
+        return None
+
+
+def free_tag(out: Path, tag: str, where: str) -> str:
+    """`tag`, else tag_2, tag_3, ...: the first whose outputs in `out` are absent or a report of the same data."""
+    n = 1
+    while True:
+        candidate = tag if n == 1 else f"{tag}_{n}"
+        files = [out / f"{kind}_{candidate}.{ext}" for kind, ext in OUTPUTS]
+        if not any(f.exists() for f in files) or _report_data(files[0]) == where:
+            return candidate
+        n += 1
 
 
 def label_map(data_names: list[str], model_names: list[str]) -> np.ndarray:
@@ -186,20 +219,24 @@ def evaluate_artifact(artifact: str, data: str | None, split: str, out: Path | N
     folder = artifact_path(artifact)
     model, config = load_artifact(folder)
     pre = config["preprocess"]
-    data_split, data_names, where = load_split(data, folder, pre, split)
-    mapping = label_map(data_names, config["class_names"])
-    logits, labels = collect_logits(model, data_split, pre, batch_size)
-    report = {"model": str(folder), "data": where, "split": split,
+    evaluated = load_split(data, folder, pre, split)
+    mapping = label_map(evaluated.names, config["class_names"])
+    logits, labels = collect_logits(model, evaluated.split, pre, batch_size)
+    report = {"model": str(folder), "data": evaluated.where, "split": split,
               **build_report(logits, mapping[labels], config["class_names"], float(config.get("temperature", 1.0)))}
     out = out or folder / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(report["confusion"], config["class_names"], where, out / f"confusion_{split}.png")
-    plot_reliability(report, out / f"reliability_{split}.png")
-    path = out / f"eval_{split}.json"
+    tag = free_tag(out, evaluated.tag, evaluated.where)
+    if tag != evaluated.tag:
+        log.info("%s holds the report of other data, so this one is eval_%s.json", out / f"eval_{evaluated.tag}.json",
+                 tag)
+    plot_confusion(report["confusion"], config["class_names"], tag, out / f"confusion_{tag}.png")
+    plot_reliability(report, out / f"reliability_{tag}.png")
+    path = out / f"eval_{tag}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, path)
-    log.info("wrote %s, confusion_%s.png, reliability_%s.png in %s", path.name, split, split, out)
+    log.info("wrote %s, confusion_%s.png, reliability_%s.png in %s", path.name, tag, tag, out)
     return report
 
 

@@ -8,7 +8,8 @@ Per run (main process, redrawn after every validation, off with `tracking.plots 
 `confusion_val.png` (latest validation); at the end `confusion_test.png` and `misclassified.png`.
 
 Drawn with matplotlib's object API on an Agg canvas: no pyplot, no display, no global backend switch, so it is
-safe inside a training process.
+safe inside a training process. Class names the default font cannot draw (CJK, ...) are drawn with an
+installed font that has them (`fonts.family_for`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from .fonts import family_for
 
 PLOTS_DIR = "plots"
 DPI = 100
@@ -112,6 +115,7 @@ def confusion_figure(confusion, names: list[str], title: str):
     """Rows = true class, columns = predicted; colour = fraction of the true class, text = counts."""
     counts = np.asarray(confusion, dtype=np.int64)
     n = len(names)
+    font = {"fontfamily": family_for([*names, title])}
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = min(3.0 + 0.3 * n, 12.0)
     fig = new_figure(side + 1.2, side)
@@ -119,8 +123,8 @@ def confusion_figure(confusion, names: list[str], title: str):
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
     if n <= TICKS_UP_TO:
-        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(n), names, fontsize=8)
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8, **font)
+        ax.set_yticks(range(n), names, fontsize=8, **font)
     if n <= ANNOTATE_UP_TO:
         for i in range(n):
             for j in range(n):
@@ -128,7 +132,7 @@ def confusion_figure(confusion, names: list[str], title: str):
                         color="white" if rates[i, j] > 0.5 else "black")
     total = int(counts.sum())
     accuracy = np.trace(counts) / max(total, 1)
-    ax.set_title(f"{title}: top-1 {accuracy:.3f} on {total} images", fontsize=10)
+    ax.set_title(f"{title}: top-1 {accuracy:.3f} on {total} images", fontsize=10, **font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     return fig
@@ -139,6 +143,7 @@ def gallery_figure(items: list[dict], names: list[str], title: str = "misclassif
     cols = min(len(items), 8)
     rows = math.ceil(len(items) / cols)
     fig = new_figure(1.7 * cols, 2.0 * rows + 0.4)
+    font = {"fontfamily": family_for([*names, title])}
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -146,8 +151,8 @@ def gallery_figure(items: list[dict], names: list[str], title: str = "misclassif
         image = item["image"]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"true {names[item['true']]}\npred {names[item['pred']]} ({item['confidence']:.2f})",
-                     fontsize=8, color="C3")
-    fig.suptitle(title, fontsize=10)
+                     fontsize=8, color="C3", **font)
+    fig.suptitle(title, fontsize=10, **font)
     return fig
 
 

@@ -11,7 +11,9 @@ ONNX path reads class names, preprocessing and temperature from the model's own 
 torch nor the training code. INPUTS are files, folders (searched recursively) or glob patterns. One row per
 input: path, the answer (a class, or `uncertain` when the calibrated top probability is below
 `--reject-below`), then the top-k labels with probabilities. An unreadable file gets a row with an `error`
-and a warning; the run goes on, exits 0, and the last log line says how many failed.
+and a warning; the run goes on and the last log line says how many failed. Exit status: 0 when at least one
+image was predicted, 1 when none could be read, 2 for a bad MODEL or arguments (or a --sort-into target
+outside DIR). --sort-into never overwrites a file: a name already taken gets a numeric suffix.
 
 Both backends preprocess through `prepare` below (PIL resize, then numpy), which is exactly torchvision's
 v2 Resize / CenterCrop / ToImage / ToDtype / Normalize applied to PIL images, as the trainer's eval transform
@@ -32,10 +34,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .calibration import softmax
+from .classnames import check_class_names, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ DEPLOY_FORMAT = "imgcls-deploy/1"
 UNCERTAIN = "uncertain"
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC}
+# What PIL raises for a missing, foreign, truncated or oversized file (UnidentifiedImageError is an OSError;
+# some truncated formats raise SyntaxError or ValueError). Anything else is a bug and propagates.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError)
 
 
 class ModelError(ValueError):
@@ -148,7 +154,9 @@ def load_onnx(path: str | Path) -> Predictor:
         raise ModelError(f"{path}: this ONNX model has no {META_KEY!r} metadata (class names, preprocessing); "
                          f"export it with imgcls-export")
     name = session.get_inputs()[0].name
-    return from_metadata(lambda x: session.run(None, {name: x})[0], json.loads(meta[META_KEY]), str(path))
+    metadata = json.loads(meta[META_KEY])
+    check_class_names(metadata.get("class_names"), f"{path} (metadata {META_KEY!r})")
+    return from_metadata(lambda x: session.run(None, {name: x})[0], metadata, str(path))
 
 
 def torch_predictor(module, meta: dict, source: str) -> Predictor:
@@ -228,7 +236,7 @@ def predict(model: Predictor, paths: list[str], batch_size: int = 32, top_k: int
             try:
                 arrays.append(read_views(path, model.preprocess, tta, tta_crop))
                 good.append(path)
-            except Exception as e:  # PIL raises many types for broken or foreign files
+            except IMAGE_ERRORS as e:
                 log.warning("skipped %s: %s: %s", path, type(e).__name__, e)
                 rows[path] = {"path": path, "error": f"{type(e).__name__}: {e}"}
         if arrays:
@@ -266,21 +274,43 @@ def jsonl_writer(stream, top_k: int) -> Callable[[dict], None]:
     return write
 
 
-def sort_into(rows: list[dict], dest: Path) -> int:
-    """Copy each predicted image to dest/<answer>/ (the uncertain answer included); same names get a numeric
-    suffix."""
-    used: set[Path] = set()
-    for row in rows:
-        src = Path(row["path"])
-        target = dest / row["prediction"] / src.name
-        n = 1
-        while target in used:
-            target = target.with_name(f"{src.stem}_{n}{src.suffix}")
+class SortError(ValueError):
+    """A --sort-into target that would land outside DIR."""
+
+
+def claim_free_name(folder: Path, name: str) -> Path:
+    """folder/name, else folder/<stem>_1<suffix>, _2, ...: the first name not taken, claimed by creating it
+    exclusively, so neither an earlier run's file nor one copied by a concurrent run is ever overwritten."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    n = 0
+    while True:
+        target = folder / (name if n == 0 else f"{stem}_{n}{suffix}")
+        try:
+            with open(target, "xb"):
+                return target
+        except FileExistsError:
             n += 1
-        used.add(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    return len(used)
+
+
+def sort_into(rows: list[dict], dest: Path) -> int:
+    """Copy each predicted image to dest/<answer>/ (the uncertain answer included), never overwriting. Every
+    target is checked to resolve inside dest before anything is copied (class names are checked when a model is
+    loaded; this also catches links planted inside dest)."""
+    root = Path(dest).resolve()
+    for row in rows:
+        target = Path(dest) / row["prediction"] / Path(row["path"]).name
+        if not target.resolve().is_relative_to(root):
+            raise SortError(f"--sort-into {dest}: {target} would be outside {dest}; nothing was copied")
+    for row in rows:
+        folder = Path(dest) / row["prediction"]
+        folder.mkdir(parents=True, exist_ok=True)
+        target = claim_free_name(folder, Path(row["path"]).name)
+        try:
+            shutil.copy2(row["path"], target)
+        except BaseException:
+            target.unlink()  # no empty placeholder left behind
+            raise
+    return len(rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -308,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tta-crop {args.tta_crop}: must be a fraction in (0, 1)")
     if args.top_k < 1 or args.batch_size < 1:
         p.error("--top-k and --batch-size must be >= 1")
+    problem = name_problem(args.uncertain_label)
+    if args.sort_into and problem:
+        p.error(f"--uncertain-label {args.uncertain_label!r} {problem}; with --sort-into it becomes a folder name")
     args.format = args.format or ("jsonl" if str(args.output or "").endswith((".jsonl", ".json")) else "csv")
     return args
 
@@ -347,10 +380,18 @@ def main(argv=None) -> int:
         if args.output:
             stream.close()
     if args.sort_into:
-        log.info("copied %d images into %s", sort_into(done, args.sort_into), args.sort_into)
+        try:
+            log.info("copied %d images into %s", sort_into(done, args.sort_into), args.sort_into)
+        except SortError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     uncertain = sum(r["prediction"] == args.uncertain_label for r in done)
     log.info("%d inputs: %d predicted (%d uncertain), %d failed%s", len(paths), len(done), uncertain, failed,
              f"; wrote {args.output}" if args.output else "")
+    if not done:
+        print(f"error: none of the {len(paths)} inputs could be read as an image (see the warnings above); "
+              f"nothing was predicted", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -43,6 +44,56 @@ def test_temperature_fit_undoes_overconfidence():
     assert fit_temperature(logits / 3, labels) == pytest.approx(1.0, abs=0.15)
 
 
+def ece_worsened_by_fit():
+    """2 classes, 100 images: 90 right at confidence 0.9 (calibrated), 10 wrong at confidence sigmoid(6). The NLL
+    wants a larger T (it softens the 10 confident mistakes), which drags the 90 below their 90 % accuracy."""
+    logits = np.zeros((100, 2))
+    logits[:90, 0] = np.log(9.0)  # softmax -> 0.9
+    logits[90:, 0] = 6.0
+    labels = np.r_[np.zeros(90, int), np.ones(10, int)]
+    return logits, labels
+
+
+def test_a_temperature_that_makes_ece_worse_is_not_kept(caplog):
+    logits, labels = ece_worsened_by_fit()
+    fitted = fit_temperature(logits, labels)
+    sig6 = 1 / (1 + np.exp(-6.0))
+    by_hand = 0.9 * abs(1.0 - 0.9) + 0.1 * abs(0.0 - sig6)  # two occupied bins at T = 1
+    fitted_conf = softmax(logits / fitted)[:, 0]
+    by_hand_fitted = 0.9 * abs(1.0 - fitted_conf[0]) + 0.1 * fitted_conf[-1]
+    with caplog.at_level(logging.INFO):
+        result = calibrate(logits, labels)
+    assert 1.5 < fitted < 5 and result["fitted_temperature"] == fitted
+    assert result["temperature"] == 1.0 and result["kept_at_1"] is True
+    assert result["ece_before"] == pytest.approx(by_hand) and result["ece_after"] == result["ece_before"]
+    assert result["ece_fitted"] == pytest.approx(by_hand_fitted) and result["ece_fitted"] > result["ece_before"]
+    assert result["nll_after"] == result["nll_before"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"calibration: the fitted temperature {fitted:.4f} would raise the validation ECE from {by_hand:.4f} to "
+        f"{by_hand_fitted:.4f}, so the temperature is kept at 1 (the model's own probabilities)"]
+
+
+def test_a_temperature_that_improves_ece_is_kept(caplog):
+    logits, labels = overconfident()
+    with caplog.at_level(logging.INFO):
+        result = calibrate(logits, labels)
+    assert result["temperature"] == result["fitted_temperature"] and result["kept_at_1"] is False
+    assert result["ece_after"] == result["ece_fitted"] < result["ece_before"]
+    assert not caplog.records
+
+
+def test_calibrate_artifact_writes_t_1_and_both_eces_when_the_fit_would_hurt(tmp_path):
+    from imgcls.calibration import calibrate_artifact
+
+    (tmp_path / "config.json").write_text(json.dumps({"class_names": ["a", "b"], "temperature": 1.0}))
+    logits, labels = ece_worsened_by_fit()
+    result = calibrate_artifact(logits, labels, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["temperature"] == 1.0 and config["calibration"] == result
+    assert config["calibration"]["kept_at_1"] is True
+    assert config["calibration"]["ece_fitted"] > config["calibration"]["ece_before"]
+
+
 def test_ece_is_zero_on_perfectly_calibrated_bins_and_large_when_not():
     confidence = np.repeat([0.35, 0.6, 0.75, 0.9, 1.0], 20)
     correct = np.concatenate([np.arange(20) < k for k in (7, 12, 15, 18, 20)])  # accuracy == confidence per bin
@@ -62,6 +113,8 @@ def test_training_stores_temperature_in_best_artifact_and_results(run):
     config = json.loads((run / "model" / "best" / "config.json").read_text())
     assert config["temperature"] == cal["temperature"] != 1.0
     assert config["calibration"] == cal and cal["nll_after"] <= cal["nll_before"]
+    assert cal["kept_at_1"] is False and cal["fitted_temperature"] == cal["temperature"]
+    assert cal["ece_after"] == cal["ece_fitted"] <= cal["ece_before"]
     assert not list((run / "model" / "best").glob(".*"))  # no temp file left behind
     assert f"ECE (15 bins) {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}" in (run / "train.log").read_text()
 
@@ -124,8 +177,34 @@ def test_eval_on_an_image_folder_with_some_of_the_classes(run, tmp_path, capsys)
     assert "class folder has no images" in capsys.readouterr().err
     (tmp_path / "flat" / "a").rmdir()
     assert eval_main([str(run / "model" / "best"), "--data", str(tmp_path / "flat"), "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "eval_test.json").read_text())
+    report = json.loads((tmp_path / "eval_flat.json").read_text())
     assert report["n"] == 10 and [report["per_class"][c]["support"] for c in "abcd"] == [0, 5, 0, 5]
     write_class_folders(tmp_path / "other", ["zebra"], 2)
     assert eval_main([str(run / "model" / "best"), "--data", str(tmp_path / "other"), "--out", str(tmp_path)]) == 2
     assert "['zebra']" in capsys.readouterr().err
+
+
+def test_eval_names_its_outputs_after_what_was_evaluated_and_never_overwrites_another_report(run, tmp_path):
+    best, out = run / "model" / "best", tmp_path / "out"
+    images = run.parents[2] / "imgs"  # the training data: train/val/test class folders
+
+    def report(name):
+        return json.loads((out / name).read_text())
+    assert eval_main([str(best), "--out", str(out)]) == 0  # the artifact's own recipe, test split
+    own = (out / "eval_test.json").read_bytes()
+    assert eval_main([str(best), "--data", str(images), "--split", "val", "--out", str(out)]) == 0
+    assert eval_main([str(best), "--data", str(best / "recipe.toml"), "--out", str(out)]) == 0
+    write_class_folders(tmp_path / "new_scans", ["a", "c"], 3, seed=5)  # flat: evaluated whole
+    write_class_folders(tmp_path / "site2" / "new_scans", ["b"], 4, seed=6)  # another folder, the same name
+    write_class_folders(tmp_path / "test", ["d"], 2, seed=7)  # a flat folder named like the test split
+    for folder in ("new_scans", "site2/new_scans", "new_scans", "test"):  # new_scans twice: the second replaces
+        assert eval_main([str(best), "--data", str(tmp_path / folder), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{kind}_{tag}.{ext}" for tag in ("test", "imgs_val", "recipe_test", "new_scans", "new_scans_2", "test_2")
+        for kind, ext in (("eval", "json"), ("confusion", "png"), ("reliability", "png")))
+    assert (out / "eval_test.json").read_bytes() == own
+    assert report("eval_imgs_val.json")["n"] == 40 and report("eval_imgs_val.json")["split"] == "val"
+    assert report("eval_recipe_test.json")["n"] == 40
+    assert report("eval_new_scans.json")["data"] == f"folder {tmp_path / 'new_scans'}"
+    assert report("eval_new_scans.json")["n"] == 6 and report("eval_new_scans_2.json")["n"] == 4
+    assert report("eval_test_2.json")["data"] == f"folder {tmp_path / 'test'}" and report("eval_test_2.json")["n"] == 2

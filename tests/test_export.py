@@ -15,7 +15,7 @@ import pytest
 from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
 from imgcls.export import main as export_main
-from imgcls.predict import META_KEY
+from imgcls.predict import META_KEY, main as predict_main
 
 ALL = ["--format", "onnx", "torchscript", "torch-export", "--fp16"]
 
@@ -88,6 +88,27 @@ def test_wrong_preprocessing_in_the_exported_file_fails_the_check_with_numbers(a
     message = next(rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR)
     assert f"max |Δlogit| {r['max_abs_diff']:.6g} exceeds the tolerance 0.001 by" in message
     assert f"batch 32: {r['batch_k']['max_abs_diff']:.6g}" in message
+
+
+def test_an_onnx_file_whose_class_name_is_a_path_is_refused(exported, tmp_path, capsys):
+    """ONNX metadata is as untrusted as an artifact's config.json: imgcls-predict refuses the file before any
+    image is read, and --sort-into makes no folder."""
+    out, _ = exported
+    proto = onnx.load(str(out / "model.onnx"))
+    meta = onnx_meta(out / "model.onnx")
+    meta["class_names"][1] = "../../escaped_b"
+    next(e for e in proto.metadata_props if e.key == META_KEY).value = json.dumps(meta)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    image = tmp_path / "one.png"
+    write_class_folders(tmp_path / "imgs", ["a"], 1)
+    shutil.copy(tmp_path / "imgs" / "a" / "0000.png", image)
+    assert predict_main([str(bad), str(image), "--sort-into", str(tmp_path / "x" / "y" / "sorted")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {bad} (metadata {META_KEY!r}): class name '../../escaped_b' contains a path separator; class "
+        f"names become folder names (imgcls-predict --sort-into DIR makes DIR/<class name>/), so a class name "
+        f"must not be empty, '.' or '..', and must not hold '/', '\\', a drive letter or control characters\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "imgs", "one.png"]
 
 
 def test_atol_flag_overrides_the_recipe(artifact, exported, tmp_path):

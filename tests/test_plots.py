@@ -117,3 +117,55 @@ def test_confusion_plot_scales_with_the_number_of_classes(tmp_path, classes):
     path = save_png(render(confusion_figure(confusion, [f"class{k}" for k in range(classes)], "val")),
                     tmp_path / "c.png")
     assert_real_plot(path)
+
+
+# ---------------------------------------------------------------- fonts for class names
+@pytest.fixture
+def fake_fonts(monkeypatch):
+    """The default font has ASCII only; 'Other' has 猫; 'Noto Sans CJK JP' has 猫 and 犬; nobody has ᚠ."""
+    from imgcls import fonts
+
+    charmaps = {"/default.ttf": set(map(ord, "abc: ")), "/other.ttf": {ord("猫")},
+                "/noto.ttf": set(map(ord, "猫犬")), "/lastresort.ttf": set(range(0x110000))}
+    monkeypatch.setattr(fonts, "_default_font", lambda: "/default.ttf")
+    monkeypatch.setattr(fonts, "_installed", lambda: [("Last Resort High-Efficiency", "/lastresort.ttf"),
+                                                      ("Other", "/other.ttf"), ("Noto Sans CJK JP", "/noto.ttf")])
+    monkeypatch.setattr(fonts, "_charmap", lambda path: frozenset(charmaps[path]))
+    monkeypatch.setattr(fonts, "_warned", False)
+    fonts.fallback_fonts.cache_clear()
+    yield fonts
+    fonts.fallback_fonts.cache_clear()
+
+
+def test_font_selection_prefers_a_cjk_font_that_has_every_glyph(fake_fonts, caplog):
+    with caplog.at_level("WARNING"):
+        assert fake_fonts.family_for(["abc"]) is None  # the default font draws it
+        assert fake_fonts.family_for(["a", "猫"]) == ["sans-serif", "Noto Sans CJK JP"]
+        assert fake_fonts.family_for(["猫 犬"]) == ["sans-serif", "Noto Sans CJK JP"]
+    assert not caplog.records
+
+
+def test_missing_glyphs_are_warned_about_once(fake_fonts, caplog, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setattr(matplotlib, "get_cachedir", lambda: "/home/u/.cache/matplotlib")
+    with caplog.at_level("WARNING"):
+        assert fake_fonts.family_for(["猫", "ᚠᚢ"]) == ["sans-serif", "Noto Sans CJK JP"]  # 猫 at least
+        assert fake_fonts.family_for(["ᚦ"]) is None
+        assert fake_fonts.family_for(["ᚠ"]) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "plots: no installed font has the glyphs ᚠ (U+16A0), ᚢ (U+16A2) of these labels, so matplotlib draws "
+        "them as empty boxes; install a font that has them (for Chinese, Japanese or Korean names a CJK font, "
+        "e.g. `apt-get install fonts-noto-cjk`), then delete matplotlib's font cache (/home/u/.cache/matplotlib/"
+        "fontlist-*.json) so that it finds the new font"]
+
+
+def test_class_names_outside_the_default_font_are_drawn_with_a_font_that_has_them(tmp_path):
+    """Ⓐ and Ⓑ are not in DejaVu Sans (matplotlib's default) but are in STIXGeneral (shipped with matplotlib):
+    drawn as glyphs the two confusion plots differ; drawn as empty boxes they would be identical."""
+    from imgcls.plots import confusion_figure, gallery_figure, render
+
+    a, b = (render(confusion_figure([[3, 1], [0, 4]], [name, "x"], "val")) for name in ("Ⓐ", "Ⓑ"))
+    assert a.shape == b.shape and (a != b).any()
+    fig = gallery_figure([{"image": np.zeros((4, 4)), "true": 0, "pred": 1, "confidence": 0.9}], ["Ⓐ", "x"])
+    assert len(fig.axes[0].title.get_fontfamily()) > 1  # the fallback font is on the gallery titles too

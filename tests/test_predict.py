@@ -15,9 +15,9 @@ from PIL import Image
 
 from conftest import REPO, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
-from imgcls.calibration import softmax
 from imgcls.export import main as export_main
-from imgcls.predict import load_predictor, main as predict_main, prepare, read_views
+from imgcls.checkpoint import load_artifact, save_artifact
+from imgcls.predict import main as predict_main, prepare, read_views, sort_into
 from imgcls.transforms import Preprocess
 
 
@@ -96,17 +96,28 @@ def test_inputs_by_file_glob_and_missing_path(models, tmp_path):
 
 
 def test_tta_averages_softmax_of_image_and_flip(models, tmp_path):
-    _, onnx_file, images = models
-    src = images / "c" / "0003.png"
-    flipped = tmp_path / "flipped.png"
-    Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)  # PNG: lossless
-    model = load_predictor(onnx_file)
-    logits = model.run(np.stack([read_views(str(p), model.preprocess)[0] for p in (src, flipped)]))
-    expected = softmax(logits, model.temperature).mean(axis=0)
-    (row,) = run_predict(onnx_file, src, "--tta", "--top-k", "4", tmp_path=tmp_path)
-    got = {t["label"]: t["probability"] for t in row["top_k"]}
-    np.testing.assert_allclose([got[c] for c in model.class_names], expected, atol=1e-6)
-    assert read_views(str(src), model.preprocess, tta=True, tta_crop=0.875).shape == (3, 1, 16, 16)
+    """The expectation is built without imgcls.predict: the trainer's torchvision eval transform, torch.flip on
+    the width axis, the eager model, softmax at the artifact's temperature, mean of the two."""
+    import torch
+
+    best, onnx_file, images = models
+    src = tmp_path / "asymmetric.png"
+    pixels = np.asarray(Image.open(images / "c" / "0003.png")).copy()
+    pixels[:, :6] = 255  # a bright left edge: the flip is a different picture, with different probabilities
+    Image.fromarray(pixels).save(src)
+    model, config = load_artifact(best)
+    pre = Preprocess.from_dict(config["preprocess"])
+    x = pre.eval_transform()(pre.convert(Image.open(src)))[None]
+    with torch.no_grad():
+        logits = torch.cat([model(x), model(torch.flip(x, dims=[3]))]).double()
+    probs = torch.softmax(logits / config.get("temperature", 1.0), dim=1).numpy()
+    expected = probs.mean(axis=0)
+    assert np.abs(probs[0] - expected).max() > 1e-3  # TTA that forgot the flip would fail below
+    for model_path in (best, onnx_file):
+        (row,) = run_predict(model_path, src, "--tta", "--top-k", "4", tmp_path=tmp_path)
+        got = {t["label"]: t["probability"] for t in row["top_k"]}
+        np.testing.assert_allclose([got[c] for c in config["class_names"]], expected, atol=1e-6)
+    assert read_views(str(src), pre.to_dict(), tta=True, tta_crop=0.875).shape == (3, 1, 16, 16)
 
 
 def test_sort_into_copies_each_image_into_its_answer_folder(models, tmp_path):
@@ -115,6 +126,109 @@ def test_sort_into_copies_each_image_into_its_answer_folder(models, tmp_path):
     for answer in {r["prediction"] for r in rows}:
         # names repeat across class folders (0000.png in a/, b/, ...): copies get a numeric suffix
         assert len(list((tmp_path / "sorted" / answer).iterdir())) == sum(r["prediction"] == answer for r in rows)
+
+
+def tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_sort_into_the_same_folder_never_overwrites(models, tmp_path):
+    best, _, images = models
+    other = tmp_path / "other"  # the same file names (a/0000.png ...) with other pictures
+    write_class_folders(other, ["a", "b", "c", "d"], 10, seed=9)
+    dest = tmp_path / "sorted"
+    run_predict(best, images, "--sort-into", dest, tmp_path=tmp_path)
+    first = tree(dest)
+    assert len(first) == 40
+    run_predict(best, other, "--sort-into", dest, tmp_path=tmp_path)
+    second = tree(dest)
+    assert {k: second[k] for k in first} == first  # every copy of the first run is still there, byte-identical
+    assert len(second) == 80
+    assert sorted(second[k] for k in set(second) - set(first)) == sorted(p.read_bytes() for p in other.rglob("*.png"))
+
+
+BAD_NAMES = [("", "is empty"), (".", "is a reference to a folder, not a name"),
+             ("..", "is a reference to a folder, not a name"), ("../../escaped_a", "contains a path separator"),
+             ("a\\b", "contains a path separator"), ("/etc", "contains a path separator"),
+             ("C:stuff", "starts with a drive letter (an absolute path on Windows)"),
+             ("tab\there", "contains the control character U+0009"), ("x\x00", "contains the control character U+0000"),
+             (7, "is not a string")]
+
+
+@pytest.mark.parametrize("name,reason", BAD_NAMES)
+def test_an_artifact_with_a_class_name_that_is_a_path_is_refused(models, tmp_path, capsys, name, reason):
+    best, _, images = models
+    bad = shutil.copytree(best, tmp_path / "bad", ignore=shutil.ignore_patterns("export", "eval"))
+    config = json.loads((bad / "config.json").read_text())
+    config["class_names"][0] = name
+    (bad / "config.json").write_text(json.dumps(config))
+    dest = tmp_path / "x" / "y" / "sorted"
+    assert predict_main([str(bad), str(images), "--sort-into", str(dest)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {bad / 'config.json'}: class name {name!r} {reason}; class names become folder names "
+        f"(imgcls-predict --sort-into DIR makes DIR/<class name>/), so a class name must not be empty, '.' or "
+        f"'..', and must not hold '/', '\\', a drive letter or control characters\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["bad"]  # no folder made, inside DIR or above it
+
+
+def test_save_artifact_refuses_a_class_name_that_is_a_path(tmp_path):
+    import torch
+
+    dest = tmp_path / "model" / "best"
+    with pytest.raises(ValueError) as info:
+        save_artifact(dest, torch.nn.Linear(2, 2), {"class_names": ["seven", "../../escaped_seven"]}, "")
+    assert str(info.value) == (
+        f"{dest / 'config.json'}: class name '../../escaped_seven' contains a path separator; class names become "
+        f"folder names (imgcls-predict --sort-into DIR makes DIR/<class name>/), so a class name must not be "
+        f"empty, '.' or '..', and must not hold '/', '\\', a drive letter or control characters")
+    assert not (tmp_path / "model").exists()  # nothing written, not even the temporary folder
+
+
+def test_sort_into_refuses_a_target_outside_its_folder(models, tmp_path):
+    _, _, images = models
+    dest = tmp_path / "sorted"
+    (tmp_path / "elsewhere").mkdir()
+    dest.mkdir()
+    (dest / "b").symlink_to(tmp_path / "elsewhere")  # a link planted in DIR leads out of it
+    image = str(images / "a" / "0000.png")
+    for label in ("../escaped", "b"):
+        rows = [{"path": image, "prediction": "a"}, {"path": image, "prediction": label}]
+        with pytest.raises(ValueError) as info:
+            sort_into(rows, dest)
+        assert str(info.value) == (f"--sort-into {dest}: {dest / label / '0000.png'} would be outside {dest}; "
+                                   f"nothing was copied")
+        assert not (dest / "a").exists() and not list((tmp_path / "elsewhere").iterdir())
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_an_uncertain_label_that_is_a_path_is_refused_with_sort_into(models, tmp_path, capsys):
+    _, onnx_file, images = models
+    with pytest.raises(SystemExit) as info:
+        predict_main([str(onnx_file), str(images), "--reject-below", "0.9", "--uncertain-label", "../unsure",
+                      "--sort-into", str(tmp_path / "sorted")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --uncertain-label '../unsure' contains a path separator; with "
+                                            "--sort-into it becomes a folder name\n")
+    assert not list(tmp_path.iterdir())
+
+
+def test_predict_fails_when_no_input_could_be_read(models, tmp_path, capsys):
+    _, onnx_file, _ = models
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n")
+    assert predict_main([str(onnx_file), str(tmp_path / "notes.txt"), str(tmp_path / "broken.png")]) == 1
+    assert capsys.readouterr().err.endswith("error: none of the 2 inputs could be read as an image (see the "
+                                            "warnings above); nothing was predicted\n")
+
+
+def test_a_bug_outside_image_decoding_is_not_reported_as_a_bad_image(models, tmp_path, monkeypatch):
+    _, onnx_file, images = models
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in our preprocessing")
+    monkeypatch.setattr("imgcls.predict.prepare", broken)
+    with pytest.raises(RuntimeError, match="a bug in our preprocessing"):
+        predict_main([str(onnx_file), str(images / "a" / "0000.png"), "--output", str(tmp_path / "p.csv")])
 
 
 def test_onnx_path_needs_neither_torch_nor_training_code(models, tmp_path):
