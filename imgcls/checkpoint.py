@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .classnames import check_class_names
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "imgcls-artifact/1"
@@ -81,6 +83,14 @@ def _fresh_tmp(dest: Path) -> Path:
     return tmp
 
 
+def read_train_state(source: Path, micro_per_epoch: int) -> TrainState:
+    state = TrainState()
+    state.load_state_dict(json.loads((Path(source) / "train_state.json").read_text()))
+    if state.batch_in_epoch >= micro_per_epoch:  # a stop at an epoch's last step (older imgcls): next epoch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return state
+
+
 # ---------------------------------------------------------------- resume state
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
@@ -138,11 +148,16 @@ def find_resume(runs_root: Path, name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------- portable artifact
-def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml: str) -> None:
-    """`config` holds architecture, class names, preprocessing and calibration (see `load_artifact`)."""
+def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml: str,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`config` holds architecture, class names, preprocessing and calibration (see `load_artifact`). Class names
+    that are not safe folder names are refused before anything is written. `state_dict`: the model's full
+    tensors when the caller gathered them (sharded models: `accelerator.get_state_dict` on every rank)."""
     dest = Path(dest)
+    check_class_names(config.get("class_names"), str(dest / "config.json"))
     tmp = _fresh_tmp(dest)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": ARTIFACT_FORMAT})
     (tmp / "config.json").write_text(json.dumps({"format": ARTIFACT_FORMAT, **config}, indent=2))
     (tmp / "recipe.toml").write_text(recipe_toml)
@@ -163,9 +178,12 @@ def artifact_path(path: str | Path) -> Path:
 
 
 def read_artifact_config(path: str | Path) -> dict:
-    config = json.loads((artifact_path(path) / "config.json").read_text())
+    """config.json of an artifact, its format and class names checked (an artifact may come from anyone)."""
+    config_file = artifact_path(path) / "config.json"
+    config = json.loads(config_file.read_text())
     if config.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path}: artifact format {config.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    check_class_names(config.get("class_names"), str(config_file))
     return config
 
 

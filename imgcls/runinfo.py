@@ -1,7 +1,9 @@
-"""The run directory: choosing it (new or resumed), `env.json`, and checking a recipe against a resumed run."""
+"""The run directory: choosing it (new or resumed), its first files (`recipe.toml`, `env.json`, `train.log`),
+and checking a recipe against the run it resumes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -15,7 +17,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 
 from .checkpoint import MARKER, complete_checkpoints, find_resume, recover_dir
-from .recipe import Recipe, RecipeError, load_recipe, recipe_diff
+from .recipe import Recipe, RecipeError, load_recipe, recipe_diff, recipe_to_toml
 
 log = get_logger(__name__)
 
@@ -23,6 +25,40 @@ log = get_logger(__name__)
 SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "train.eval_every_epochs",
                   "train.early_stop_patience", "train.calibrate", "checkpoint.", "tracking.", "export.",
                   "data.workers")
+# ... except in these cases, where the saved state would be read with another meaning
+HORIZON_KEYS = ("train.epochs", "train.max_steps")
+
+
+def _refusal(key: str, saved: Recipe) -> str:
+    """Why changing `key` on resume is refused ("" when it is allowed)."""
+    if key in HORIZON_KEYS and saved.schedule.name == "cosine":
+        return ("the cosine schedule spans the whole run, so the learning rate would jump; to train longer, "
+                "start a new run with model.train_mode=\"update\" model.weights=\"<run>/model/last\"")
+    if key == "checkpoint.select_metric":
+        return "the best model so far was chosen by the saved metric; a new one cannot be compared with it"
+    return "" if key.startswith(SAFE_ON_RESUME) else "it alters the saved state"
+
+
+def run_dir_of(resume: str) -> Path:
+    """`--resume` names a run folder or one of its checkpoints."""
+    p = Path(resume)
+    if p.parent.name == "checkpoints" and p.name.startswith("step-"):
+        return p.parent.parent
+    if not p.is_dir():
+        raise RecipeError(f"--resume {resume}: no such run folder")
+    return p
+
+
+def load_run_recipe(path: str, overrides: list[str], resume: str) -> Recipe:
+    """The recipe to run: the file plus overrides; with `--resume RUN` and no file, the run's own recipe.toml
+    plus the overrides (checked against the run like any resumed recipe)."""
+    if path:
+        return load_recipe(path, overrides)
+    saved = run_dir_of(resume) / "recipe.toml"
+    if not saved.is_file():
+        raise RecipeError(f"--resume {resume}: {saved} not found, so the run's recipe is unknown; give the recipe "
+                          f"file too: python -m imgcls.train RECIPE --resume {resume}")
+    return load_recipe(saved, overrides)
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -53,11 +89,12 @@ def check_resume_recipe(recipe: Recipe, run_dir: Path) -> list[str]:
     """Refuse changes that alter the meaning of the saved state; return the allowed changes as text."""
     saved = load_recipe(run_dir / "recipe.toml")
     diff = recipe_diff(saved, recipe)
-    unsafe = {k: v for k, v in diff.items() if not k.startswith(SAFE_ON_RESUME)}
+    unsafe = {k: v for k, v in diff.items() if _refusal(k, saved)}
     if unsafe:
-        lines = [f"  {k}: {old!r} (saved) -> {new!r} (now)" for k, (old, new) in unsafe.items()]
+        lines = [f"  {k}: {old!r} (saved) -> {new!r} (now): {_refusal(k, saved)}" for k, (old, new) in unsafe.items()]
         raise RecipeError(f"cannot resume {run_dir}: the recipe changed in ways that alter the saved state:\n"
-                          + "\n".join(lines) + "\nRevert these keys, or start a new run without --resume.")
+                          + "\n".join(lines) + "\nRevert these keys (resuming with `--resume RUN_FOLDER` and no "
+                          "recipe file uses the run's own recipe), or start a new run without --resume.")
     return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()]
 
 
@@ -100,6 +137,34 @@ def environment(accelerator, per_device_batch: int) -> dict:
         "grad_accum_steps": accelerator.gradient_accumulation_steps,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def setup_logging(accelerator, run_dir: Path | None = None) -> None:
+    """INFO to stderr (main process only, via accelerate's logger); with a run dir, also to its train.log."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S")
+    root.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file, naming the .tmp
+        logging.getLogger(noisy).setLevel(logging.WARNING)                 # folder: we log the checkpoint once
+    for handler in [h for h in root.handlers if getattr(h, "imgcls_run_log", False)]:
+        root.removeHandler(handler)  # a previous run in this process (tests, notebooks)
+        handler.close()
+    if run_dir is not None and accelerator.is_main_process:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter(fmt))
+        handler.imgcls_run_log = True
+        root.addHandler(handler)
+
+
+def write_run_files(recipe: Recipe, accelerator, run_dir: Path, per_dev: int) -> None:
+    """The resolved recipe and the environment, written before training starts."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(accelerator, run_dir)
+        (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+        write_json(run_dir / "env.json", environment(accelerator, per_dev))
+    accelerator.wait_for_everyone()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -61,27 +61,42 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, 
         json.loads((run_b / "results.json").read_text())["test"]
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_completes(tmp_path, image_folder):
+def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_bit_identically(tmp_path, image_folder):
+    """The run is started with overrides; the command it prints is run verbatim (through a shell) and ends
+    exactly where an uninterrupted run with the same overrides ends."""
+    overrides = ("optim.lr=0.05", "train.epochs=2")
+    straight = _recipe(tmp_path, image_folder, "a")
+    assert train_inprocess(straight, *overrides) == 0
+    run_a = only_run(tmp_path / "a")
+
     recipe = _recipe(tmp_path, image_folder, "b")
-    proc = subprocess.Popen(train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(), cwd=tmp_path)
+    proc = subprocess.Popen(train_cmd(recipe, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env(), cwd=tmp_path)
     wait_for_checkpoint(tmp_path / "b", 6, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
-    assert "--resume auto" in err
     run = only_run(tmp_path / "b")
     stopped_at = json.loads((complete_checkpoints(run)[-1] / "train_state.json").read_text())["step"]
     assert stopped_at >= 6 and not (run / "results.json").exists()
+    command = err.split("Continue with:\n")[1].splitlines()[0].strip()
+    assert command.endswith(f"-m imgcls.train --resume {run}"), command
 
-    done = run_train(recipe, "--resume", "auto")
+    elsewhere = tmp_path / "elsewhere"  # the command works from any directory
+    elsewhere.mkdir()
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, env=subprocess_env(),
+                          cwd=elsewhere, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"at epoch {stopped_at // 10}, optimizer step {stopped_at}" in done.stderr
-    assert json.loads((run / "results.json").read_text())["steps"] == 30
+    assert json.loads((run / "results.json").read_text())["steps"] == 20
+    for kind in ("last", "best"):
+        assert_same_weights(weights(run_a / "model" / kind), weights(run / "model" / kind))
+    assert stable_rows(run_a) == stable_rows(run)
 
 
 def test_incomplete_checkpoint_is_never_chosen_and_is_cleaned_up(tmp_path, image_folder):
     recipe = _recipe(tmp_path, image_folder, "b")
+    recipe.write_text(recipe.read_text().replace('name = "cosine"', 'name = "constant"'))
     assert train_inprocess(recipe, "train.max_steps=12") == 0
     run = only_run(tmp_path / "b")
     newest = complete_checkpoints(run)[-1]
@@ -102,13 +117,32 @@ def test_incomplete_checkpoint_is_never_chosen_and_is_cleaned_up(tmp_path, image
 def test_resume_refuses_a_recipe_change_that_alters_the_state(tmp_path, image_folder, capsys):
     recipe = _recipe(tmp_path, image_folder, "b")
     assert train_inprocess(recipe, "train.max_steps=6") == 0
-    code = train_inprocess(recipe, "--resume", "auto", "optim.lr=0.5", "seed=3")
+    code = train_inprocess(recipe, "--resume", "auto", "optim.lr=0.5", "seed=3", "train.max_steps=6")
     assert code == 2
     err = capsys.readouterr().err
     assert "the recipe changed in ways that alter the saved state" in err
-    assert "optim.lr: 0.1 (saved) -> 0.5 (now)" in err and "seed: 0 (saved) -> 3 (now)" in err
-    # a safe change (more epochs) is accepted and the run continues
-    assert train_inprocess(recipe, "--resume", "auto", "train.epochs=4", "train.max_steps=0") == 0
+    assert "optim.lr: 0.1 (saved) -> 0.5 (now): it alters the saved state" in err
+    assert "seed: 0 (saved) -> 3 (now): it alters the saved state" in err
+
+
+def test_resume_refuses_a_new_horizon_under_cosine_and_a_new_select_metric(tmp_path, image_folder, capsys):
+    """Under cosine the LR at step k depends on the total: a new epochs/max_steps would make it jump."""
+    recipe = _recipe(tmp_path, image_folder, "b")
+    assert train_inprocess(recipe, "train.max_steps=6") == 0
+    assert train_inprocess(recipe, "--resume", "auto", "train.max_steps=12", "checkpoint.select_metric=loss") == 2
+    err = capsys.readouterr().err
+    assert ("train.max_steps: 6 (saved) -> 12 (now): the cosine schedule spans the whole run, so the learning "
+            "rate would jump; to train longer, start a new run with model.train_mode=\"update\" "
+            "model.weights=\"<run>/model/last\"") in err
+    assert ("checkpoint.select_metric: 'top1' (saved) -> 'loss' (now): the best model so far was chosen by the "
+            "saved metric; a new one cannot be compared with it") in err
+
+
+def test_resume_accepts_more_epochs_under_a_constant_schedule(tmp_path, image_folder):
+    recipe = _recipe(tmp_path, image_folder, "b")
+    recipe.write_text(recipe.read_text().replace('name = "cosine"', 'name = "constant"'))
+    assert train_inprocess(recipe, "train.max_steps=6") == 0
+    assert train_inprocess(recipe, "--resume", "auto", "train.epochs=4") == 0
     assert json.loads((only_run(tmp_path / "b") / "results.json").read_text())["steps"] == 40
 
 
@@ -148,7 +182,7 @@ def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
 
     model = build_model(ModelConfig(name="small_cnn", args={"width": 4}), 3, 1, (8, 8))
     config = {"model": {"name": "small_cnn", "args": {"width": 4}, "num_classes": 3, "in_channels": 1},
-              "preprocess": {"image_size": [8, 8]}}
+              "preprocess": {"image_size": [8, 8]}, "class_names": ["a", "b", "c"]}
     best = tmp_path / "run" / "model" / "best"
     save_artifact(best, model, config, "")
     best.rename(best.with_name(".best.old"))  # the state right after the first rename
