@@ -11,9 +11,18 @@ from .preflight import init_distributed_state
 from .recipe import RecipeError, TrainConfig
 
 
+FSDP_REFUSED = (
+    "FSDP is not supported by imgcls: accelerate runs FSDP only on GPUs, so its sharded save and resume path "
+    "cannot be tested on the machines imgcls is tested on. Use DDP instead (accelerate_configs/multi_gpu.yaml or "
+    "multi_gpu_bf16.yaml); for a model too large for one GPU, use train.mixed_precision=\"bf16\" and a smaller "
+    "global batch with train.grad_accum_steps.")
+
+
 def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) -> Accelerator:
     """The recipe pins precision only when `train.mixed_precision` is not "config". The process group is formed
     first, with a deadline (see preflight.py), so a missing peer fails with a message instead of hanging."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
+        raise RecipeError(FSDP_REFUSED)
     init_distributed_state()
     accelerator = Accelerator(
         mixed_precision=None if train.mixed_precision == "config" else train.mixed_precision,
@@ -29,24 +38,27 @@ def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) 
     return accelerator
 
 
-def cpu_threads_note(device: torch.device, threads: int | None = None, cores: int | None = None,
-                     local_processes: int | None = None) -> str | None:
-    """On the CPU, say so when this process computes with fewer threads than its share of the cores: a bare
-    `accelerate launch` (no --cpu, no config with use_cpu) sets OMP_NUM_THREADS=1. We do not override a thread
-    count the user may have chosen; we say how to change it."""
-    if device.type != "cpu":
-        return None
-    threads = torch.get_num_threads() if threads is None else threads
+def cpu_threads(setting: int | str, cores: int | None = None, local_processes: int | None = None) -> int:
+    """`train.cpu_threads`: a number, or "auto" = the cores this process may run on, shared by the processes on
+    this machine. `accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which left one core of two idle."""
+    if setting != "auto":
+        return int(setting)
     if cores is None:  # the cores this process may run on (Linux); elsewhere (macOS, Windows) all of them
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_processes is None else local_processes
-    share = max(cores // max(local, 1), 1)
-    if threads >= share:
+    return max(cores // max(local, 1), 1)
+
+
+def apply_cpu_threads(device: torch.device, setting: int | str) -> str | None:
+    """Set torch's intra-op threads on a CPU device; returns the line to log (None on GPUs)."""
+    if device.type != "cpu":
         return None
-    return (f"training on the CPU with {threads} thread(s) per process while {cores} core(s) are available to "
-            f"{local} process(es) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; `accelerate "
-            f"launch` sets 1 unless it runs with --cpu or a config with use_cpu: true). For speed, launch with "
-            f"--num_cpu_threads_per_process {share} or --config_file accelerate_configs/cpu.yaml")
+    threads = cpu_threads(setting)
+    torch.set_num_threads(threads)
+    how = "auto: cores / local processes" if setting == "auto" else "train.cpu_threads"
+    return (f"computing on the CPU with {threads} thread(s) per process ({how}; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} is overridden); "
+            f"set train.cpu_threads=N to change it")
 
 
 def per_device_batch(global_batch: int, world_size: int, accum: int) -> int:

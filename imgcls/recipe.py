@@ -65,7 +65,7 @@ class AugmentConfig(Section):
 
 HUB_KEYS = {"dataset", "config", "revision"}
 FOLDER_KEYS = {"root"}
-LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names"}
+LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names", "labels_are_indices"}
 FOREIGN_KEYS = {"hub": FOLDER_KEYS | LIST_KEYS, "folder": HUB_KEYS | LIST_KEYS, "listfile": HUB_KEYS}
 
 
@@ -86,6 +86,8 @@ class DataConfig(Section):
     test_list: str = ""
     separator: str = " "
     class_names: list[str] = []
+    labels_are_indices: bool = False  # list-file labels are 0-based indices into class_names, not names
+    allow_rare_classes: bool = False  # folder/list file: accept classes with few images or in one split only
     # split model: train / val / test
     train_split: str = "train"
     val_split: str = ""
@@ -106,7 +108,8 @@ class DataConfig(Section):
     # loading
     workers: int = Field(0, ge=0)
     shuffle: bool = True
-    cache: Literal["none", "memory"] = "none"
+    cache: Literal["none", "memory", "disk"] = "none"
+    cache_dir: str = ""  # data.cache = "disk": "" -> $IMGCLS_CACHE, else ~/.cache/imgcls
 
     @field_validator("image_size")
     @classmethod
@@ -193,6 +196,7 @@ class TrainConfig(Section):
     log_every_steps: int = Field(50, ge=1)
     early_stop_patience: int = Field(0, ge=0)
     calibrate: bool = True
+    cpu_threads: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"  # intra-op threads per CPU process
 
 
 class CheckpointConfig(Section):

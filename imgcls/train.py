@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .calibration import calibrate_artifact
 from .data import make_datasets, make_loader
-from .distributed import cpu_threads_note, create_accelerator
+from .distributed import apply_cpu_threads, create_accelerator
 from .metrics import evaluate, per_class_accuracy, scalars
 from .models import set_train_mode
 from .plan import Plan, make_plan
@@ -292,8 +292,8 @@ def artifact_config(recipe: Recipe, plan: Plan, extra: dict) -> dict:
 def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
     accelerator = create_accelerator(recipe.train, recipe.seed)  # trackers are started by RunLog, one by one
     setup_logging(accelerator)
-    if note := cpu_threads_note(accelerator.device):
-        log.warning(note)
+    if note := apply_cpu_threads(accelerator.device, recipe.train.cpu_threads):
+        log.info(note)
     set_seed(recipe.seed)
     plan = make_plan(recipe, accelerator.num_processes)
     if dry_run:
