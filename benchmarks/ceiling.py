@@ -1,0 +1,101 @@
+"""How close the trainer comes to its own model's speed: the recipe's model in a bare loop on tensors already in
+memory (the ceiling) against the trainer on the recipe, interleaved A, B, A, B in one run.
+
+    HF_HUB_OFFLINE=1 python benchmarks/ceiling.py recipes/mnist.toml [section.key=value ...] [--rounds 2]
+        [--steps 150] [--threads N]
+
+The trainer runs as a user runs it (`python -m imgcls.train RECIPE train.max_steps=S ...`, one process, the
+same thread count as the bare loop); its speed is the median `images_per_s` of its metrics.jsonl windows after
+the first (start-up and the first batches excluded), which includes every wait for data. The bare loop builds the
+same model, optimizer, batch size and loss, on random tensors created once, and times S steps after 10 warm-up
+steps. Prints both speeds per round and the ratio trainer / ceiling; the machine drifts, so only ratios taken in
+the same round are compared. Writes benchmarks/out/ceiling_<name>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from imgcls.data import build_splits
+from imgcls.models import build_model
+from imgcls.optim import build_optimizer
+from imgcls.recipe import load_recipe
+
+
+def bare_loop(recipe, num_classes: int, steps: int, threads: int) -> float:
+    """Images/s of forward + backward + optimizer step on one in-memory batch, the recipe's own model."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    data, batch = recipe.data, recipe.train.global_batch_size // recipe.train.grad_accum_steps
+    model = build_model(recipe.model, num_classes, data.channels, tuple(data.image_size)).train()
+    optimizer = build_optimizer(recipe.optim, model)
+    images = torch.randn(batch, data.channels, *data.image_size)
+    labels = torch.randint(0, num_classes, (batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=recipe.train.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(10):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def trainer(recipe_path: str, overrides: list[str], steps: int, threads: int, out: Path) -> tuple[float, float]:
+    """Median images/s and data-wait fraction of the trainer's logged windows after the first."""
+    every = max(steps // 8, 5)
+    cmd = [sys.executable, "-m", "imgcls.train", recipe_path, *overrides, f"train.max_steps={steps}",
+           f"train.log_every_steps={every}", f"train.cpu_threads={threads}", f"checkpoint.output_dir={out}",
+           "train.calibrate=false", "tracking.plots=false", "checkpoint.every_epochs=0", "name=ceiling"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (run,) = (out / "ceiling").iterdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in rows if r["event"] == "train"][1:]
+    return (statistics.median(r["images_per_s"] for r in windows),
+            statistics.median(r["data_wait_fraction"] for r in windows))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
+    args = p.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    num_classes = len(build_splits(recipe.data).class_names)
+    rows = []
+    for k in range(args.rounds):
+        ceiling = bare_loop(recipe, num_classes, args.steps, args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            speed, wait = trainer(args.recipe, args.overrides, args.steps, args.threads, Path(tmp))
+        rows.append({"round": k, "ceiling": ceiling, "trainer": speed, "ratio": speed / ceiling,
+                     "data_wait_fraction": wait})
+        print(f"round {k}: ceiling {ceiling:,.0f} images/s, trainer {speed:,.0f} images/s, ratio "
+              f"{speed / ceiling:.2f} (data wait {wait:.2f})", flush=True)
+    ratios = [r["ratio"] for r in rows]
+    print(f"{recipe.name}: ratio trainer / ceiling {min(ratios):.2f}-{max(ratios):.2f} over {args.rounds} rounds, "
+          f"{args.threads} threads, {args.steps} steps each")
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"ceiling_{recipe.name}.json").write_text(json.dumps(
+        {"recipe": args.recipe, "overrides": args.overrides, "threads": args.threads, "rounds": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
