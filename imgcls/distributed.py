@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
 from .preflight import init_distributed_state
-from .recipe import RecipeError, TrainConfig
+from .recipe import RecipeError, TrainConfig, per_device_batch  # noqa: F401 (re-exported)
 
 
 FSDP_REFUSED = (
@@ -59,14 +59,3 @@ def apply_cpu_threads(device: torch.device, setting: int | str) -> str | None:
     return (f"computing on the CPU with {threads} thread(s) per process ({how}; "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} is overridden); "
             f"set train.cpu_threads=N to change it")
-
-
-def per_device_batch(global_batch: int, world_size: int, accum: int) -> int:
-    """The global batch is the recipe's; each process gets global / (world x accumulation)."""
-    share = world_size * accum
-    if global_batch % share:
-        raise RecipeError(
-            f"train.global_batch_size = {global_batch} does not divide into {world_size} process(es) x "
-            f"{accum} accumulation step(s); pick a multiple of {share}"
-        )
-    return global_batch // share

@@ -4,7 +4,8 @@ Names: `small_cnn` (ours, for MNIST-size input), `gem_resnet` (the original tool
 see `imgcls.gem`) and every torchvision classification model (`resnet18`, `vit_b_16`, ...), always built
 without downloaded weights; `[model] weights` brings weights from a file instead. The first convolution
 is adapted to the input's channel count, and each model's classifier is found by `classifier_prefix`,
-so "backbone" means everything else.
+so "backbone" means everything else. List the names from the shell with `imgcls-models [PART]`
+(or `python -m imgcls.models [PART]`).
 
     model = build_model(cfg.model, num_classes=10, in_channels=1, image_size=(28, 28))
     load_weights(model, cfg.model.weights, cfg.model.train_mode, in_channels=1)   # unless fromscratch
@@ -13,12 +14,14 @@ so "backbone" means everything else.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import inspect
 import logging
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -143,9 +146,20 @@ def _builder(name: str) -> Callable[..., nn.Module]:
         return _OWN[name]
     if name in _torchvision_names():
         return functools.partial(_torchvision_model, name)
-    close = difflib.get_close_matches(name, available_models(), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RecipeError(f"model.name: unknown model {name!r}{hint} (see available_models())")
+    raise RecipeError(unknown_model_message(name))
+
+
+def unknown_model_message(name: str) -> str:
+    """The closest names, and the command that lists them all (filtered by the name's leading letters when
+    that finds any)."""
+    names = available_models()
+    close = [repr(n) for n in difflib.get_close_matches(name, names, n=3)]
+    choices = f"{', '.join(close[:-1])} or {close[-1]}" if len(close) > 1 else "".join(close)
+    hint = f"; did you mean {choices}?" if close else "."
+    part = re.match(r"[a-z]*", name.lower()).group()
+    example = f" (`imgcls-models {part}` for those containing {part!r})" \
+        if len(part) >= 3 and any(part in n for n in names) else ""
+    return f"model.name: unknown model {name!r}{hint} List the model names with `imgcls-models`{example}."
 
 
 def accepted_args(name: str) -> list[str]:
@@ -420,3 +434,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`imgcls-models [PART]`: every name `model.name` accepts, one per line; with PART, those containing it."""
+    p = argparse.ArgumentParser(prog="imgcls-models", description="List the names `model.name` accepts.")
+    p.add_argument("part", nargs="?", default="", help="show only names containing this (case-insensitive)")
+    args = p.parse_args(argv)
+    names = [n for n in available_models() if args.part.lower() in n]
+    if not names:
+        print(f"no model name contains {args.part!r}; `imgcls-models` lists all {len(available_models())} names",
+              file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -254,6 +254,18 @@ class Recipe(Section):
         return v
 
 
+def per_device_batch(global_batch: int, world_size: int, accum: int) -> int:
+    """The global batch is the recipe's; each process gets global / (world x accumulation). Here, without torch,
+    so that the launcher checks it before any process starts."""
+    share = world_size * accum
+    if global_batch % share:
+        raise RecipeError(
+            f"train.global_batch_size = {global_batch} does not divide into {world_size} process(es) x "
+            f"{accum} accumulation step(s); pick a multiple of {share}"
+        )
+    return global_batch // share
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.epochs=3` -> (["train", "epochs"], 3). The value is read as TOML; a bare word is a string."""
     key, sep, raw = text.partition("=")

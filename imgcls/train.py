@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .calibration import calibrate_artifact
 from .data import make_datasets, make_loader
 from .distributed import apply_cpu_threads, create_accelerator
+from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
 from .metrics import evaluate, per_class_accuracy, scalars
 from .models import set_train_mode
 from .plan import Plan, make_plan
@@ -39,7 +40,6 @@ from .tracking import RunLog
 from .transforms import Preprocess, batch_mix
 
 log = get_logger(__name__)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the printed command to continue
 
 
 class Trainer:
@@ -73,7 +73,7 @@ class Trainer:
         self.state.tracker_ids = self.runlog.run_ids()
         self.mix = batch_mix(r.data.augment, plan.num_classes)
         self.loss_sum = torch.zeros((), device=acc.device)  # summed on the device: no host sync per step
-        self.loss_sum += self.state.window_loss
+        self.loss_sum += self.state.window_loss  # the processes' mean at the save: the logged mean is unchanged
         self.stop = StopSignal()
 
     def restore(self, source: Path) -> None:
@@ -247,7 +247,10 @@ class Trainer:
         if self.state.step == self.saved_step:
             return
         self.state.log_rows = self.runlog.rows
-        self.state.window_loss = float(self.loss_sum)
+        loss_sum = self.loss_sum.reshape(1)  # collective, as every save: each process has its own sum
+        if self.accelerator.num_processes > 1:
+            loss_sum = self.accelerator.reduce(loss_sum, reduction="mean")
+        self.state.window_loss = float(loss_sum)
         ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state, self.recipe.checkpoint.keep_last)
         self.saved_step = self.state.step
 
@@ -339,10 +342,13 @@ def main(argv=None) -> int:
         return train(recipe, resume=args.resume, dry_run=args.dry_run)
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except PreflightError as e:  # the environment, not the recipe
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop's own handler is installed: nothing was trained or saved
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

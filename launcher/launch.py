@@ -1,18 +1,26 @@
-"""imgcls-launch: check a recipe, then run it under `accelerate launch`, printing the exact command first.
+"""imgcls-launch: check a recipe, then run it under accelerate's launcher, printing the exact command first.
 
     imgcls-launch RECIPE [section.key=value ...] [--config accelerate_configs/X.yaml] [--num-processes N]
-                  [--num-machines M --machine-rank R --main-address HOST --main-port P]
+                  [--num-machines M --machine-rank R --main-address HOST] [--main-port P]
                   [--preflight-timeout S] [--check schema|full] [--dry-run] [-- ARGS FOR imgcls.train]
 
     imgcls-launch recipes/mnist.toml --config accelerate_configs/cpu_2proc.yaml train.epochs=3
     imgcls-launch recipes/mnist.toml --config accelerate_configs/multi_node.yaml --dry-run -- --resume auto
 
-The recipe is validated before anything starts (`--check schema`, the default, is pure and fast; `--check full`
+The recipe is validated before anything starts (`--check schema`, the default, is pure and fast, and includes
+the batch arithmetic: train.global_batch_size must divide into processes x train.grad_accum_steps; `--check full`
 also runs `python -m imgcls.train ... --dry-run`, which builds data and model). A bad recipe exits 2.
 `--num-processes` is the total over all machines, as in accelerate. For several machines, the rank, main address
 and port come from the flags, else from SLURM (SLURM_NODEID/SLURM_PROCID, SLURM_NNODES, MASTER_ADDR or the first
 host of SLURM_JOB_NODELIST, MASTER_PORT, SLURM_GPUS_ON_NODE), else from the config. The peers must meet within
 `--preflight-timeout` seconds (default: $IMGCLS_PREFLIGHT_TIMEOUT or 300), or the job stops with one clear message.
+
+The printed command states every value accelerate would otherwise fill in with its "values were not passed"
+notice (CPU threads per process; without any config, the whole hardware: every CUDA GPU, else one CPU process).
+Without --config, the default file written by `accelerate config` is used, as accelerate does, and named.
+The command is run by accelerate's own launcher inside this process, with two differences from a shell running
+it: Ctrl-C and SIGTERM go to the training processes (which finish the step, save and exit 75), and the exit
+status is theirs; `accelerate launch` itself would answer with a traceback and status 130 or 1.
 """
 from __future__ import annotations
 
@@ -21,19 +29,22 @@ import math
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import yaml
 
-from imgcls.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout, rendezvous_failure_message
-from imgcls.recipe import RecipeError, load_recipe
+from imgcls.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout
+from imgcls.recipe import Recipe, RecipeError, load_recipe, per_device_batch
+from launcher.supervise import run_accelerate
 
 PLACEHOLDER_ADDRESS = "MAIN_NODE_ADDRESS"  # what accelerate_configs/multi_node.yaml ships with
 DEFAULT_PORT = 29500
-RENDEZVOUS_FAILURE = re.compile(r"torch\.distributed\.(?:DistStoreError|DistNetworkError): ([^\n]*)")
+# torch elastic SIGKILLs the workers this many seconds after passing a stop signal on (its default, 30 s, can cut
+# a large checkpoint save short); it reads the variable when accelerate starts its agent
+SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+SHUTDOWN_TIMEOUT_S = 120
 
 
 class LaunchError(ValueError):
@@ -82,20 +93,25 @@ def slurm_environment(env: Mapping[str, str]) -> dict:
     return found
 
 
-def build_command(recipe: str, overrides: list[str] = (), extra: list[str] = (), *, config: str | None = None,
-                  num_processes: int | None = None, num_machines: int = 1, machine_rank: int = 0,
-                  main_address: str | None = None, main_port: int = DEFAULT_PORT,
-                  rendezvous_timeout_s: float = 300, module: str = "imgcls.train") -> list[str]:
-    """The `accelerate launch` argv; machine flags (and the rendezvous deadline) only for several machines."""
+def build_command(recipe: str, overrides: Sequence[str] = (), extra: Sequence[str] = (), *,
+                  config: str | None = None, stated: Sequence[str] = (), num_processes: int | None = None,
+                  num_machines: int = 1, machine_rank: int = 0, main_address: str | None = None,
+                  main_port: int | None = None, rendezvous_timeout_s: float = 300,
+                  module: str = "imgcls.train") -> list[str]:
+    """The `accelerate launch` argv; `stated` are values accelerate would otherwise default (stated_values);
+    machine flags (and the rendezvous deadline) only for several machines; one machine takes just a port."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config:
         cmd += ["--config_file", config]
+    cmd += stated
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
     if num_machines > 1:
         cmd += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
-                "--main_process_ip", str(main_address), "--main_process_port", str(main_port),
+                "--main_process_ip", str(main_address), "--main_process_port", str(main_port or DEFAULT_PORT),
                 "--rdzv_conf", f"timeout={math.ceil(rendezvous_timeout_s)}"]
+    elif main_port:
+        cmd += ["--main_process_port", str(main_port)]
     return cmd + ["-m", module, recipe, *overrides, *extra]
 
 
@@ -110,13 +126,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-machines", type=int)
     p.add_argument("--machine-rank", type=int)
     p.add_argument("--main-address")
-    p.add_argument("--main-port", type=int)
+    p.add_argument("--main-port", type=int, help=f"rank 0's port (default {DEFAULT_PORT}); also for one machine")
     p.add_argument("--preflight-timeout", type=float, help=f"seconds for all processes to meet (sets {TIMEOUT_ENV})")
     p.add_argument("--check", choices=["schema", "full"], default="schema")
     p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     args = p.parse_intermixed_args(argv)
     args.extra = extra
     return args
+
+
+def accelerate_default_config(env: Mapping[str, str]) -> str | None:
+    """The file `accelerate config` writes, which accelerate reads when it is given no --config_file."""
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    path = os.path.join(os.path.expanduser(home), "accelerate", "default_config.yaml")
+    return path if os.path.isfile(path) else None
 
 
 def read_config(path: str | None) -> dict:
@@ -143,6 +166,8 @@ def resolve_machines(args: argparse.Namespace, cfg: dict, env: Mapping[str, str]
         raise LaunchError(f"{args.config} runs ONE process (distributed_type: 'NO'); for {total or machines} "
                           "processes use cpu_2proc.yaml (CPU) or multi_gpu.yaml / multi_node.yaml (GPU)")
     hw = {"num_processes": total, "num_machines": machines}
+    if machines == 1 and args.main_port:  # two jobs on one machine need two ports
+        hw["main_port"] = args.main_port
     if machines > 1:
         rank = args.machine_rank if args.machine_rank is not None else slurm.get("machine_rank")
         address = pick(args.main_address, "main_address", "main_process_ip")
@@ -156,53 +181,89 @@ def resolve_machines(args: argparse.Namespace, cfg: dict, env: Mapping[str, str]
     return hw
 
 
-def supervise(cmd: list[str], env: dict, expected: Expected, timeout_s: float) -> int:
-    """Run accelerate, pass its stderr through, and explain a rendezvous that timed out (torchrun's agent)."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    signal.signal(signal.SIGTERM, lambda sig, _: proc.send_signal(sig))  # SLURM's stop; Ctrl-C reaches it already
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tail = b""
-    while chunk := os.read(proc.stderr.fileno(), 65536):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.buffer.flush()
-        tail = (tail + chunk)[-65536:]
-    rc = proc.wait()
-    text = tail.decode(errors="replace")
-    failure = RENDEZVOUS_FAILURE.search(text)
-    if rc != 0 and failure and "PreflightError" not in text:  # a worker's own pre-flight message is clear already
-        print("\n" + rendezvous_failure_message(expected, timeout_s, failure.group(1)), file=sys.stderr)
-    return rc
+def without_config(hw: dict) -> dict:
+    """What accelerate assumes when it has no config at all, as a config: one process per visible CUDA GPU,
+    else one CPU process; several processes -> MULTI_GPU (on CPU too, see cpu_2proc.yaml); no mixed precision."""
+    import torch  # only here, as in accelerate, which counts the GPUs itself when it has no config
+
+    gpus = torch.cuda.device_count()
+    total = hw["num_processes"] or max(gpus, 1)
+    return {"distributed_type": "MULTI_GPU" if total > 1 else "NO", "use_cpu": gpus == 0, "num_processes": total,
+            "num_machines": hw["num_machines"], "mixed_precision": "no"}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: what SLURM or taskset grant it), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def stated_values(cfg: dict, has_file: bool, env: Mapping[str, str]) -> tuple[list[str], dict]:
+    """The flags and environment for every value accelerate would otherwise fill in with its "were not passed"
+    notice: threads per CPU process (no config file can hold them) and, without a file, the whole hardware."""
+    flags: list[str] = []
+    if not has_file:
+        flags += ["--multi_gpu"] if cfg["num_processes"] > 1 else ["--cpu"] if cfg["use_cpu"] else []
+        flags += ["--num_machines", "1"] if cfg["num_machines"] == 1 else []  # several: build_command says it
+        flags += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if cfg.get("use_cpu") and "OMP_NUM_THREADS" not in env:  # accelerate: physical cores; we: the granted ones
+        local = max(cfg["num_processes"] // max(cfg.get("num_machines", 1), 1), 1)
+        flags += ["--num_cpu_threads_per_process", str(max(usable_cores() // local, 1))]
+    extra_env = {}
+    if cfg.get("use_cpu"):
+        extra_env["ACCELERATE_USE_CPU"] = "1"  # accelerate's multi-process launcher does not pass use_cpu on
+    if cfg["num_processes"] > 1 and SHUTDOWN_ENV not in env:
+        extra_env[SHUTDOWN_ENV] = str(SHUTDOWN_TIMEOUT_S)
+    return flags, extra_env
+
+
+def check_batch(recipe: Recipe, processes: int) -> None:
+    per_device_batch(recipe.train.global_batch_size, processes, recipe.train.grad_accum_steps)
+
+
+def plan_launch(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[dict, dict, list[str], dict]:
+    """Validate everything that can be checked before a process starts; (config, machines, flags, extra env)."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = read_config(args.config)
+    hw = resolve_machines(args, cfg, env)
+    if args.config is None:
+        cfg = without_config(hw)
+        hw["num_processes"] = cfg["num_processes"]
+    one = str(cfg.get("distributed_type", "")).upper() == "NO"  # accelerate's default count: 1, else none
+    cfg = {**cfg, "num_processes": hw["num_processes"] or cfg.get("num_processes", 1 if one else -1),
+           "num_machines": hw["num_machines"]}
+    if cfg["num_processes"] < 1:
+        raise LaunchError(f"{args.config} does not say how many processes: pass --num-processes N")
+    check_batch(recipe, cfg["num_processes"])
+    flags, extra_env = stated_values(cfg, args.config is not None, env)
+    return cfg, hw, flags, extra_env
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    args.config = args.config or accelerate_default_config(os.environ)
     extra_env = {TIMEOUT_ENV: f"{args.preflight_timeout:g}"} if args.preflight_timeout else {}
     try:
-        load_recipe(args.recipe, args.overrides)
         timeout_s = preflight_timeout({**os.environ, **extra_env})
-        cfg = read_config(args.config)
-        hw = resolve_machines(args, cfg, os.environ)
+        cfg, hw, flags, more_env = plan_launch(args, os.environ)
     except (RecipeError, LaunchError, PreflightError, yaml.YAMLError) as e:
         print(e, file=sys.stderr)
         return 2
-    if cfg.get("use_cpu"):
-        extra_env["ACCELERATE_USE_CPU"] = "1"  # accelerate's multi-process launcher does not pass use_cpu on
-    env = {**os.environ, **extra_env}
+    extra_env.update(more_env)
     if args.check == "full":
         check = [sys.executable, "-m", "imgcls.train", args.recipe, *args.overrides, *args.extra, "--dry-run"]
-        if subprocess.run(check, env=env).returncode != 0:
+        if subprocess.run(check, env={**os.environ, **extra_env}).returncode != 0:
             return 2
-    cmd = build_command(args.recipe, args.overrides, args.extra, config=args.config,
+    cmd = build_command(args.recipe, args.overrides, args.extra, config=args.config, stated=flags,
                         rendezvous_timeout_s=timeout_s, **hw)
     print(shlex.join([f"{k}={v}" for k, v in extra_env.items()] + cmd), flush=True)
     if args.dry_run:
         return 0
-    if hw["num_machines"] == 1:
-        os.execve(cmd[0], cmd, env)
-    total = hw["num_processes"] or cfg["num_processes"]
-    expected = Expected(hw["num_machines"], total // hw["num_machines"], hw["machine_rank"],
-                        hw["main_address"], str(hw["main_port"]))
-    return supervise(cmd, env, expected, timeout_s)
+    os.environ.update(extra_env)
+    expected = None
+    if hw["num_machines"] > 1:
+        expected = Expected(hw["num_machines"], cfg["num_processes"] // hw["num_machines"], hw["machine_rank"],
+                            hw["main_address"], str(hw["main_port"]))
+    return run_accelerate(cmd[3:], expected, timeout_s)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 multi-node pre-flight (real processes on 127.0.0.1: a peer that never arrives must fail fast and clearly)."""
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import socket
@@ -16,7 +17,10 @@ from accelerate.utils import DistributedType
 
 from imgcls.preflight import Expected, PreflightError, preflight_timeout, rendezvous_failure_message
 from imgcls.recipe import RecipeError, load_recipe
-from launcher.launch import PLACEHOLDER_ADDRESS, build_command, expand_nodelist, main, slurm_environment
+from launcher import launch
+from launcher.launch import (PLACEHOLDER_ADDRESS, SHUTDOWN_ENV, SHUTDOWN_TIMEOUT_S, build_command, expand_nodelist,
+                             main, slurm_environment)
+from launcher.supervise import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
@@ -45,10 +49,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _no_cluster_env(monkeypatch):
+def _no_cluster_env(monkeypatch, tmp_path):
+    """Nothing from the cluster or the user's shell; no `accelerate config` default file; 8 usable cores."""
     for key in list(os.environ):
-        if key.startswith(("SLURM_", "MASTER_")) or key in ("IMGCLS_PREFLIGHT_TIMEOUT", "ACCELERATE_USE_CPU"):
+        if key.startswith(("SLURM_", "MASTER_")) or key in (
+                "IMGCLS_PREFLIGHT_TIMEOUT", "ACCELERATE_USE_CPU", "OMP_NUM_THREADS", SHUTDOWN_ENV, "XDG_CACHE_HOME"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(launch, "usable_cores", lambda: 8)
 
 
 @pytest.fixture
@@ -75,23 +83,31 @@ def subprocess_env(tmp_path, **extra: str) -> dict:
 
 def test_single_cpu(capsys, recipe):
     assert dry_run(capsys, recipe, "train.epochs=2", "--config", cfg("cpu.yaml")) == [
-        "ACCELERATE_USE_CPU=1", *LAUNCH, "--config_file", cfg("cpu.yaml"),
+        "ACCELERATE_USE_CPU=1", *LAUNCH, "--config_file", cfg("cpu.yaml"), "--num_cpu_threads_per_process", "8",
         "-m", "imgcls.train", recipe, "train.epochs=2"]
 
 
 def test_multi_gpu_with_process_count_and_train_args(capsys, recipe):
     tokens = dry_run(capsys, recipe, "--config", cfg("multi_gpu.yaml"), "--num-processes", "8", "optim.lr=0.2",
                      "--", "--resume", "auto")
-    assert tokens == [*LAUNCH, "--config_file", cfg("multi_gpu.yaml"), "--num_processes", "8",
+    assert tokens == [f"{SHUTDOWN_ENV}=120", *LAUNCH, "--config_file", cfg("multi_gpu.yaml"), "--num_processes", "8",
                       "-m", "imgcls.train", recipe, "optim.lr=0.2", "--resume", "auto"]
+
+
+def test_one_machine_takes_a_port(capsys, recipe):
+    """Two multi-process jobs on one machine must not both use accelerate's default port."""
+    assert dry_run(capsys, recipe, "--config", cfg("cpu_2proc.yaml"), "--main-port", "29611")[2:] == [
+        *LAUNCH, "--config_file", cfg("cpu_2proc.yaml"), "--num_cpu_threads_per_process", "4",
+        "--main_process_port", "29611", "-m", "imgcls.train", recipe]
 
 
 def test_multi_node_from_flags(capsys, recipe):
     tokens = dry_run(capsys, recipe, "--config", cfg("multi_node.yaml"), "--num-machines", "2", "--machine-rank",
                      "1", "--main-address", "10.0.0.5", "--main-port", "29555", "--preflight-timeout", "45")
-    assert tokens == ["IMGCLS_PREFLIGHT_TIMEOUT=45", *LAUNCH, "--config_file", cfg("multi_node.yaml"),
-                      "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.5",
-                      "--main_process_port", "29555", "--rdzv_conf", "timeout=45", "-m", "imgcls.train", recipe]
+    assert tokens == ["IMGCLS_PREFLIGHT_TIMEOUT=45", f"{SHUTDOWN_ENV}=120", *LAUNCH,
+                      "--config_file", cfg("multi_node.yaml"), "--num_machines", "2", "--machine_rank", "1",
+                      "--main_process_ip", "10.0.0.5", "--main_process_port", "29555", "--rdzv_conf", "timeout=45",
+                      "-m", "imgcls.train", recipe]
 
 
 def test_multi_node_from_slurm(capsys, recipe, monkeypatch):
@@ -99,7 +115,7 @@ def test_multi_node_from_slurm(capsys, recipe, monkeypatch):
                            SLURM_GPUS_ON_NODE="8").items():
         monkeypatch.setenv(key, value)
     assert dry_run(capsys, recipe, "--config", cfg("multi_node.yaml")) == [
-        *LAUNCH, "--config_file", cfg("multi_node.yaml"), "--num_processes", "16", "--num_machines", "2",
+        f"{SHUTDOWN_ENV}=120", *LAUNCH, "--config_file", cfg("multi_node.yaml"), "--num_processes", "16", "--num_machines", "2",
         "--machine_rank", "1", "--main_process_ip", "gpu07", "--main_process_port", "29500",
         "--rdzv_conf", "timeout=300", "-m", "imgcls.train", recipe]
 
@@ -140,6 +156,31 @@ def test_launch_refusals(capsys, recipe, argv, message):
     assert main([recipe, *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and message in err
+
+
+@pytest.mark.parametrize("argv, world", [
+    (["--config", "cpu_2proc.yaml"], 2),                                  # the config's count
+    (["--config", "multi_gpu.yaml", "--num-processes", "4"], 4),          # the flag wins
+    (["--config", "multi_node.yaml", "--machine-rank", "0", "--main-address", "10.0.0.5"], 16),  # over machines
+])
+@pytest.mark.parametrize("check", ["schema", "full"])
+def test_a_batch_that_does_not_divide_is_refused_before_anything_starts(capfd, recipe, monkeypatch, argv, world,
+                                                                        check):
+    """The trainer's own message (per_device_batch), and no process started: not even --check full's dry run."""
+    from imgcls.distributed import per_device_batch
+
+    started = []
+    for module, name in ((subprocess, "Popen"), (os, "execve")):
+        monkeypatch.setattr(module, name, lambda *a, **k: started.append(a) or pytest.fail("a process started"))
+    overrides = ["train.global_batch_size=9", "train.grad_accum_steps=3"]  # 9 = 3 x 3: divides 1 process only
+    with pytest.raises(RecipeError) as expected:
+        per_device_batch(9, world, 3)
+    argv = [cfg(a) if a.endswith(".yaml") else a for a in argv]
+    assert main([recipe, *overrides, *argv, "--check", check]) == 2
+    out, err = capfd.readouterr()
+    assert (out, err, started) == ("", f"{expected.value}\n", [])
+    assert str(expected.value) == (f"train.global_batch_size = 9 does not divide into {world} process(es) x 3 "
+                                   f"accumulation step(s); pick a multiple of {world * 3}")
 
 
 def test_bad_timeout_value(capsys, recipe, monkeypatch):
@@ -198,6 +239,27 @@ def test_rendezvous_failure_message():
         peer, 30, "The client socket has timed out after 30000ms while trying to connect to (10.0.0.5, 29500).")
 
 
+def test_the_exit_status_is_the_training_processes_own(capsys):
+    """What accelerate's launcher raised -> the status imgcls-launch exits with (shell style for signals)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failed(*codes: int) -> ChildFailedError:
+        failures = {}
+        for rank, code in enumerate(codes):
+            failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="<N/A>")
+            failures[rank].timestamp = 1000 + rank  # rank 0 failed first: the root cause
+        return ChildFailedError("imgcls.train", failures)
+
+    assert exit_status(None, None, 1) == 0
+    assert exit_status(subprocess.CalledProcessError(75, ["python"]), None, 1) == 75  # one process
+    assert exit_status(subprocess.CalledProcessError(-2, ["python"]), None, 1) == 130
+    assert exit_status(failed(75, -15), None, 1) == 75  # rank 1 was stopped by the agent after rank 0 exited
+    assert capsys.readouterr().err == ""
+    assert exit_status(failed(1, 75), None, 1) == 1  # a crash: torch's report of it is printed
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 100)" in capsys.readouterr().err
+    assert exit_status(failed(-9), None, 1) == 137
+
+
 # ---- accelerate configs and the SLURM template ------------------------------------------------------------------
 
 EXPECTED_CONFIGS = {  # file -> (distributed_type, use_cpu, num_machines, num_processes, mixed_precision)
@@ -208,7 +270,6 @@ EXPECTED_CONFIGS = {  # file -> (distributed_type, use_cpu, num_machines, num_pr
     "multi_gpu_bf16.yaml": (DistributedType.MULTI_GPU, False, 1, 8, "bf16"),
     "multi_gpu_fp16.yaml": (DistributedType.MULTI_GPU, False, 1, 8, "fp16"),
     "multi_node.yaml": (DistributedType.MULTI_GPU, False, 2, 16, "bf16"),
-    "fsdp.yaml": (DistributedType.FSDP, False, 1, 8, "bf16"),
 }
 
 
@@ -220,11 +281,89 @@ def test_every_config_loads_with_accelerate_and_documents_its_command():
         header = (CONFIGS / name).read_text().split("compute_environment")[0]
         assert header.startswith("# Hardware:") and f"--config accelerate_configs/{name}" in header, name
     assert load_config_from_file(cfg("multi_node.yaml")).main_process_ip == PLACEHOLDER_ADDRESS
-    assert load_config_from_file(cfg("fsdp.yaml")).fsdp_config["fsdp_version"] == 2
+
+
+NOTICE = "The following values were not passed to `accelerate launch`"
+MACHINE_FLAGS = {"multi_node.yaml": ["--machine-rank", "0", "--main-address", "10.0.0.5"]}
+
+
+def accelerate_notice(tokens: list[str], monkeypatch, caplog) -> str:
+    """What accelerate's own argument check logs for this printed command (no process starts)."""
+    import accelerate.commands.launch as accelerate_launch
+
+    monkeypatch.setattr(accelerate_launch, "default_config_file", "/nonexistent/default_config.yaml")
+    for assignment in [t for t in tokens if "=" in t and t.split("=")[0].isupper()]:
+        monkeypatch.setenv(*assignment.split("=", 1))
+    args = accelerate_launch.launch_command_parser().parse_args(tokens[tokens.index(LAUNCH[-1]) + 1:])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="accelerate.commands.launch"):
+        accelerate_launch._validate_launch_command(args)
+    return caplog.text
+
+
+@pytest.mark.parametrize("name", [*EXPECTED_CONFIGS, None])
+def test_the_commands_state_every_value_accelerate_would_default(capsys, caplog, monkeypatch, recipe, name):
+    """accelerate's "values were not passed" notice never appears for a command imgcls-launch prints: CPU
+    configs get the threads per process (a config file cannot hold them), no config gets the whole hardware."""
+    argv = ["--config", cfg(name), *MACHINE_FLAGS.get(name, [])] if name else []
+    tokens = dry_run(capsys, recipe, *argv)
+    assert NOTICE not in accelerate_notice(tokens, monkeypatch, caplog)
+
+
+def test_without_a_config_the_hardware_is_stated(capsys, monkeypatch, recipe):
+    """accelerate's choices without a config (every GPU, else one process), made explicit; on CPU with
+    a thread per granted core instead of accelerate's OMP_NUM_THREADS=1."""
+    assert dry_run(capsys, recipe) == [
+        "ACCELERATE_USE_CPU=1", *LAUNCH, "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--num_cpu_threads_per_process", "8", "--num_processes", "1",
+        "-m", "imgcls.train", recipe]
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert dry_run(capsys, recipe) == [
+        f"{SHUTDOWN_ENV}=120", *LAUNCH, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--num_processes", "4", "-m", "imgcls.train", recipe]
+
+
+def test_the_default_accelerate_config_is_used_and_named(capsys, recipe, tmp_path):
+    default = tmp_path / "hf_home" / "accelerate" / "default_config.yaml"
+    default.parent.mkdir(parents=True)
+    default.write_text((CONFIGS / "multi_gpu.yaml").read_text())
+    assert dry_run(capsys, recipe)[1:6] == [*LAUNCH, "--config_file", str(default)]
+
+
+def test_the_shipped_gpu_configs_alone_leave_nothing_to_default(caplog, monkeypatch):
+    for name in ("single_gpu.yaml", "multi_gpu.yaml", "multi_gpu_bf16.yaml", "multi_gpu_fp16.yaml"):
+        assert NOTICE not in accelerate_notice([*LAUNCH, "--config_file", cfg(name), "x.py"], monkeypatch, caplog)
+
+
+def test_cpu_config_run_prints_no_notice(tmp_path, capsys, recipe):
+    """The real thing: the printed cpu.yaml command run by accelerate, without OMP_NUM_THREADS in the shell."""
+    (tmp_path / "probe_mod.py").write_text("print('ran')\n")
+    tokens = dry_run(capsys, recipe, "--config", cfg("cpu.yaml"))
+    env = {k: v for k, v in subprocess_env(tmp_path).items() if k != "OMP_NUM_THREADS"}
+    run = subprocess.run([("probe_mod" if t == "imgcls.train" else t) for t in tokens[1:]], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout) == (0, "ran\n"), run.stderr
+    assert NOTICE not in run.stderr
+
+
+def test_several_processes_get_time_to_save_before_torch_kills_them(capsys, recipe, monkeypatch):
+    """torch elastic reads the variable the launcher sets; a value from the user's shell is kept."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    tokens = dry_run(capsys, recipe, "--config", cfg("cpu_2proc.yaml"))
+    assert f"{SHUTDOWN_ENV}={SHUTDOWN_TIMEOUT_S}" in tokens
+    monkeypatch.setenv(SHUTDOWN_ENV, str(SHUTDOWN_TIMEOUT_S))
+    assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2).shutdown_timeout == SHUTDOWN_TIMEOUT_S
+    monkeypatch.setenv(SHUTDOWN_ENV, "600")
+    assert not any(t.startswith(SHUTDOWN_ENV) for t in dry_run(capsys, recipe, "--config", cfg("cpu_2proc.yaml")))
+    assert not any(t.startswith(SHUTDOWN_ENV) for t in dry_run(capsys, recipe, "--config", cfg("cpu.yaml")))
 
 
 def test_slurm_template_starts_one_launcher_per_node(tmp_path, recipe):
     """Run the sbatch script with stand-ins for scontrol and srun (srun runs its command once per node)."""
+    assert "\n#SBATCH --signal=TERM@180\n" in (ROOT / "launcher" / "slurm.sbatch").read_text()
     launcher_exe = Path(sys.executable).parent / "imgcls-launch"
     if not launcher_exe.exists():
         pytest.skip("imgcls-launch console script not installed in this environment")
@@ -244,6 +383,7 @@ def test_slurm_template_starts_one_launcher_per_node(tmp_path, recipe):
     lines = run.stdout.strip().splitlines()
     assert lines[0] == "imgcls: 2 nodes, rank 0 at gpu07:21234, config accelerate_configs/multi_node.yaml"
     for rank, line in enumerate(lines[1:]):
+        assert not line.startswith(SHUTDOWN_ENV), "the template exports it: the launcher keeps the job's value"
         assert shlex.split(line)[1:] == [
             "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_node.yaml",
             "--num_processes", "16", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "gpu07",
@@ -257,8 +397,8 @@ def test_cpu_2proc_config_really_gives_world_size_2(tmp_path, capsys, recipe):
     """The printed command, run with a probe module in place of imgcls.train: 2 ranks, gloo."""
     (tmp_path / "probe_mod.py").write_text(PROBE)
     tokens = dry_run(capsys, recipe, "--config", cfg("cpu_2proc.yaml"), "train.epochs=2")
-    assert tokens[0] == "ACCELERATE_USE_CPU=1"
-    cmd = [("probe_mod" if t == "imgcls.train" else t) for t in tokens[1:]]
+    assert tokens[:2] == ["ACCELERATE_USE_CPU=1", f"{SHUTDOWN_ENV}=120"]
+    cmd = [("probe_mod" if t == "imgcls.train" else t) for t in tokens[2:]]
     run = subprocess.run(cmd, env=subprocess_env(tmp_path, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]

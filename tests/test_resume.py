@@ -214,3 +214,22 @@ def test_processes_that_see_different_checkpoints_are_refused():
                             "folder to every node), then resume again")
     with pytest.raises(RecipeError, match=r"^process 1: --resume x: not a complete checkpoint"):
         resume_consensus([(0, ckpt, ""), (1, "", "--resume x: not a complete checkpoint (no COMPLETE marker)")])
+
+
+def test_the_printed_resume_command_repeats_the_launcher_with_the_run_folder(tmp_path, monkeypatch):
+    """The parent's command line says how the run was launched; the printed command repeats that launcher
+    (paths made absolute, so it works from any folder) and names the run, whose own recipe it then uses."""
+    from imgcls.signals import resume_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_text("x: 1")
+    run = tmp_path / "runs" / "sig" / "20261123-101500"
+    accelerate = ["/v/bin/python", "/v/bin/accelerate", "launch", "--config_file", "cfg.yaml", "-m", "imgcls.train",
+                  "recipes/r.toml", "name=sig", "data.root=/d", "train.epochs=30"]
+    assert resume_command(run, accelerate, {"ACCELERATE_USE_CPU": "1"}) == (
+        f"ACCELERATE_USE_CPU=1 accelerate launch --config_file {tmp_path}/cfg.yaml -m imgcls.train --resume {run}")
+    launcher = ["/v/bin/python", "/v/bin/imgcls-launch", "r.toml", "name=sig", "--config", "cfg.yaml", "--",
+                "--resume", "auto"]
+    assert resume_command(run, launcher, {}) == (
+        f"imgcls-launch {tmp_path}/r.toml name=sig --config {tmp_path}/cfg.yaml -- --resume {run}")
+    assert resume_command(run, ["/bin/bash"], {}).endswith(f" -m imgcls.train --resume {run}")
