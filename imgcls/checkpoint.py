@@ -40,7 +40,7 @@ class TrainState:
     bad_epochs: int = 0
     world_size: int = 1
     log_rows: int = 0
-    window_loss: float = 0.0  # train loss summed since the last logged step, so logs survive a resume
+    window_losses: list = field(default_factory=list)  # per process: train loss summed since the last log
     window_batches: int = 0
     tracker_ids: dict = field(default_factory=dict)
 

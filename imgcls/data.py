@@ -12,17 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from .augment import BatchAugment, normalize
+from .classnames import ClassNameError, check_class_names
 from .images import BAD_IMAGE_ERRORS
 from .labels import check_classes
 from .recipe import DataConfig
 from .scan import check_images
 from .sources import SOURCES, TEST_NAMES, VAL_NAMES, DataError, Split
+from .store import keep_batch, open_store
 from .transforms import Preprocess
 
 
@@ -66,35 +67,15 @@ def read_image(split: Split, i: int, preprocess: Preprocess) -> Image.Image:
                         f"or set data.on_bad_image = \"skip\" to leave unreadable images out.") from None
 
 
-class DecodedImages:
-    """Reader over pixels decoded once (`data.cache = "memory"`); names items as the source does."""
-
-    def __init__(self, pixels: dict[int, np.ndarray], source):
-        self.pixels, self.source = pixels, source
-
-    def open(self, i: int) -> Image.Image:
-        return Image.fromarray(self.pixels[i])
-
-    def describe(self, i: int) -> str:
-        return self.source.describe(i)
-
-    def check(self, i: int) -> None:
-        """Decoded already."""
-
-
-def decode_once(split: Split, preprocess: Preprocess) -> Split:
-    """`data.cache = "memory"`: decode every image once, in the model's channels, and keep the uint8 pixels;
-    each later read is an array copy instead of a file read and decode."""
-    pixels = {i: np.asarray(read_image(split, i, preprocess))
-              for i in tqdm(split.indices, desc=f"decoding {split.name}", disable=None, leave=False)}
-    return Split(split.name, split.labels, DecodedImages(pixels, split.reader), list(split.indices))
-
-
 def build_splits(cfg: DataConfig) -> DataSplits:
     found = SOURCES[cfg.source](cfg)
     splits = found.splits
     if cfg.train_split not in splits:
         raise DataError(f"data.train_split = {cfg.train_split!r}: no such split; available: {sorted(splits)}")
+    try:
+        check_class_names(found.class_names, f"data.source = {cfg.source!r}")
+    except ClassNameError as e:
+        raise DataError(str(e)) from None
     if found.first_seen is not None:  # classes from the user's labels or folders: each must be a real one
         check_classes(found.class_names, splits, found.first_seen, cfg.allow_rare_classes)
     train = splits[cfg.train_split]
@@ -108,48 +89,71 @@ def build_splits(cfg: DataConfig) -> DataSplits:
 
 
 class ImageDataset(Dataset):
-    """Split + transform. Train augmentation is seeded per (seed, epoch, item), so the images a step sees do
-    not depend on worker count, process count, or where a run was resumed."""
+    """Split + a per-image transform (imgcls-eval's predict-equivalent path)."""
 
-    def __init__(self, split: Split, preprocess: Preprocess, transform, seed: int | None = None):
-        self.split, self.preprocess, self.transform, self.seed = split, preprocess, transform, seed
-        self.epoch = 0
+    def __init__(self, split: Split, preprocess: Preprocess, transform):
+        self.split, self.preprocess, self.transform = split, preprocess, transform
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __getitem__(self, k: int):
         i = self.split.indices[k]
-        image = read_image(self.split, i, self.preprocess)
-        if self.seed is None:
-            return self.transform(image), self.split.labels[i]
-        # The CPU generator alone, saved and restored around the transform: the same numbers as
-        # fork_rng + torch.manual_seed, which also visit every accelerator backend and cost ~170 us per image.
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF)
-        try:
-            return self.transform(image), self.split.labels[i]
-        finally:
-            generator.set_state(state)
+        return self.transform(read_image(self.split, i, self.preprocess)), self.split.labels[i]
 
 
-def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, ImageDataset]:
+class Images(Dataset):
+    """A split as uint8 pixels (an `ImageStore`, or `DecodingImages` for `cache = "none"`) plus the step that
+    turns a uint8 batch into the model's input on the model's device: `BatchAugment` for train (per-sample random
+    parameters from (seed, epoch, sample position)), `normalize` for evaluation.
+
+    A DataLoader fetches whole batches (`__getitems__`): (uint8 images, labels, positions); the loop calls
+    `model_input(images, positions)` on the device. `dataset[k]` gives one sample's model input, the same pixels."""
+
+    def __init__(self, pixels, pre: Preprocess, augment: BatchAugment | None = None, seed: int = 0):
+        self.pixels, self.pre, self.augment, self.seed = pixels, pre, augment, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def set_augment_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation `model_input` applies. Not named `set_epoch`: accelerate's loaders call
+        a dataset's `set_epoch` with their own iteration count."""
+        self.epoch = epoch
+
+    def __getitems__(self, positions: list[int]):
+        return self.pixels.__getitems__(positions)
+
+    def model_input(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.augment is None:
+            return normalize(images, self.pre.mean, self.pre.std)
+        return self.augment(images, positions, self.epoch, self.seed)
+
+    def __getitem__(self, k: int):
+        images, labels, positions = self.__getitems__([k])
+        return self.model_input(images, positions)[0], int(labels[0])
+
+
+def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, Images]:
+    """Train pixels at the working size (augmented on the device), val/test at the eval framing (normalized)."""
     pre = Preprocess.from_data(cfg)
-    ready = (lambda s: decode_once(s, pre)) if cfg.cache == "memory" else (lambda s: s)
-    out = {"train": ImageDataset(ready(splits.train), pre, pre.train_transform(cfg.augment), seed),
-           "val": ImageDataset(ready(splits.val), pre, pre.eval_transform())}
+    size = tuple(cfg.working_size) if cfg.working_size else None
+
+    def pixels(split: Split, frame: str):
+        return open_store(split, pre, cfg.cache, frame, size if frame == "train" else None, cfg.cache_dir)
+    out = {"train": Images(pixels(splits.train, "train"), pre, BatchAugment.from_preprocess(cfg.augment, pre), seed),
+           "val": Images(pixels(splits.val, "eval"), pre)}
     if splits.test is not None:
-        out["test"] = ImageDataset(ready(splits.test), pre, pre.eval_transform())
+        out["test"] = Images(pixels(splits.test, "eval"), pre)
     return out
 
 
-def make_loader(ds: ImageDataset, batch_size: int, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
+def make_loader(ds: Images, batch_size: int, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
+    """Whole batches of uint8 (a quarter of float32's bytes) cross the worker and host-to-device boundaries."""
+    workers = cfg.workers
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=train and cfg.shuffle, drop_last=train, num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(seed) if train else None,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        ds, batch_size=batch_size, shuffle=train and cfg.shuffle, drop_last=train, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed) if train else None, collate_fn=keep_batch,
+        persistent_workers=workers > 0 and cfg.cache == "none", pin_memory=torch.cuda.is_available(),
     )

@@ -27,7 +27,7 @@ def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) 
     accelerator = Accelerator(
         mixed_precision=None if train.mixed_precision == "config" else train.mixed_precision,
         gradient_accumulation_steps=train.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, non_blocking=True),
         log_with=list(log_with) or None,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":

@@ -7,15 +7,16 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = False) -> dict:
-    """Full pass over `loader`. `gather_for_metrics` drops the samples that padding duplicated on the last batch,
-    so 1 process and N processes give the same numbers."""
+    """Full pass over `loader` of an `Images` dataset: (uint8 images, labels, positions) batches, normalized on
+    the device. `gather_for_metrics` drops the samples that padding duplicated on the last batch, so 1 process
+    and N processes give the same numbers."""
     model.eval()
     loss_sum, n = 0.0, 0
     correct1 = correct5 = 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     all_logits, all_labels = [], []
-    for images, labels in loader:
-        logits = model(images)
+    for images, labels, positions in loader:
+        logits = model(loader.dataset.model_input(images, positions))
         logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), labels))
         logits, labels = logits.cpu(), labels.cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

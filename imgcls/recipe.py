@@ -110,6 +110,9 @@ class DataConfig(Section):
     shuffle: bool = True
     cache: Literal["none", "memory", "disk"] = "none"
     cache_dir: str = ""  # data.cache = "disk": "" -> $IMGCLS_CACHE, else ~/.cache/imgcls
+    # [height, width] of the stored train images, which augmentation crops from; [] = image_size (divided by
+    # crop_pct when < 1). A random-resized-crop recipe may store larger images to zoom into.
+    working_size: list[Annotated[int, Field(ge=1)]] = []
 
     @field_validator("image_size")
     @classmethod
@@ -125,6 +128,8 @@ class DataConfig(Section):
             problems.append(f"mean and std need {self.channels} values (one per channel)")
         if any(s <= 0 for s in self.std):
             problems.append("std values must be > 0")
+        if len(self.working_size) not in (0, 2):
+            problems.append("working_size is [height, width], or [] for image_size")
         foreign = FOREIGN_KEYS[self.source] & self.model_fields_set
         if foreign:
             problems.append(f"{sorted(foreign)} do not apply to source = {self.source!r}")

@@ -24,7 +24,7 @@ log = get_logger(__name__)
 # Changing these on resume keeps the saved state meaningful; anything else is refused.
 SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "train.eval_every_epochs",
                   "train.early_stop_patience", "train.calibrate", "checkpoint.", "tracking.", "export.",
-                  "data.workers")
+                  "data.workers", "train.cpu_threads")
 # ... except in these cases, where the saved state would be read with another meaning
 HORIZON_KEYS = ("train.epochs", "train.max_steps")
 

@@ -114,6 +114,7 @@ def resume_command(run_dir: Path, parent: list[str] | None = None, env: dict | N
     """The command that continues `run_dir` exactly: the same launcher, the run's own recipe."""
     parent = parent_cmdline() if parent is None else parent
     env = os.environ if env is None else env
+    run_dir = Path(run_dir).resolve()  # a run resumed by a relative path: the command works from any folder
     if launch := imgcls_launch_command(parent):  # it passes the recipe and overrides again: same recipe
         return shlex.join([*launch, "--resume", str(run_dir)])
     prefix = launcher_prefix(parent)

@@ -54,6 +54,7 @@ class Trainer:
     def setup(self) -> None:
         r, acc, plan = self.recipe, self.accelerator, self.plan
         datasets = make_datasets(plan.splits, r.data, r.seed)
+        self.train_images = datasets["train"]  # augments on the device: per-sample parameters of (seed, epoch, k)
         train_loader = make_loader(datasets["train"], plan.per_device_batch, r.data, True, r.seed)
         eval_loaders = {k: make_loader(ds, r.train.eval_batch_size, r.data, False, r.seed)
                         for k, ds in datasets.items() if k != "train"}
@@ -73,7 +74,7 @@ class Trainer:
         self.state.tracker_ids = self.runlog.run_ids()
         self.mix = batch_mix(r.data.augment, plan.num_classes)
         self.loss_sum = torch.zeros((), device=acc.device)  # summed on the device: no host sync per step
-        self.loss_sum += self.state.window_loss  # the processes' mean at the save: the logged mean is unchanged
+        self.loss_sum += self.resumed_window_loss()
         self.stop = StopSignal()
 
     def restore(self, source: Path) -> None:
@@ -86,6 +87,13 @@ class Trainer:
         self.state.world_size = self.accelerator.num_processes
         self.runlog.truncate(self.state.log_rows)
         log.info("resumed from %s at epoch %d, optimizer step %d", source, self.state.epoch, self.state.step)
+
+    def resumed_window_loss(self) -> float:
+        """This process's loss sum since the last log, as saved; on another process count, the saved mean."""
+        saved, acc = self.state.window_losses, self.accelerator
+        if len(saved) == acc.num_processes:
+            return saved[acc.process_index]
+        return sum(saved) / len(saved) if saved else 0.0
 
     def cleanup(self) -> None:
         """Close what setup() opened, also after a failure part-way through it."""
@@ -121,9 +129,9 @@ class Trainer:
                    disable=None if self.accelerator.is_local_main_process else True, dynamic_ncols=True)
         self.window = {"images": 0, "wait": 0.0, "t0": time.perf_counter(), "bar": bar}
         fetched = time.perf_counter()
-        for images, labels in self.epoch_loader():
+        for images, labels, positions in self.epoch_loader():
             self.window["wait"] += time.perf_counter() - fetched
-            self.train_step(images, labels)
+            self.train_step(self.train_images.model_input(images, positions), labels)
             bar.update(1)
             if self.accelerator.sync_gradients:
                 verdict = self.after_step()
@@ -137,8 +145,7 @@ class Trainer:
     def epoch_loader(self):
         s, loader = self.state, self.train_loader
         loader.set_epoch(s.epoch)
-        # accelerate's set_epoch skips the dataset when the sampler is sharded (several processes): set it here
-        loader.dataset.set_epoch(s.epoch)
+        self.train_images.set_augment_epoch(s.epoch)  # the augmentation's epoch
         if s.batch_in_epoch:
             loader = self.accelerator.skip_first_batches(loader, s.batch_in_epoch)
             loader.set_epoch(s.epoch)  # accelerate < 1.15 builds the skipping loader at epoch 0
@@ -247,10 +254,8 @@ class Trainer:
         if self.state.step == self.saved_step:
             return
         self.state.log_rows = self.runlog.rows
-        loss_sum = self.loss_sum.reshape(1)  # collective, as every save: each process has its own sum
-        if self.accelerator.num_processes > 1:
-            loss_sum = self.accelerator.reduce(loss_sum, reduction="mean")
-        self.state.window_loss = float(loss_sum)
+        # collective, as every save: each process has its own sum, and the next log is their mean
+        self.state.window_losses = self.accelerator.gather(self.loss_sum.reshape(1)).tolist()
         ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state, self.recipe.checkpoint.keep_last)
         self.saved_step = self.state.step
 
@@ -323,8 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("words", nargs="*", metavar="[RECIPE] [section.key=value ...]",
                    help="recipe TOML file (optional with --resume RUN), then overrides read as TOML, "
                         "e.g. train.epochs=3")
-    p.add_argument("--resume", default="", help="a run folder or checkpoint (its own recipe.toml is used), or "
-                                                "'auto' (newest complete checkpoint of the recipe's runs)")
+    p.add_argument("--resume", default="", help="a run folder or checkpoint (without a RECIPE, the run's own "
+                                                "recipe.toml is used; with one, it is checked against the run), or "
+                                                "'auto' (newest complete checkpoint of the RECIPE's runs)")
     p.add_argument("--dry-run", action="store_true", help="build data and model, print the plan, train nothing")
     args = p.parse_intermixed_args(argv)
     first = args.words[0] if args.words else ""

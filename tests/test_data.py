@@ -430,48 +430,6 @@ def test_folder_without_class_folders(tmp_path):
                             f"expected {tmp_path / 'flat'}/<class>/<image files>")
 
 
-# ---------------------------------------------------------------- augmentation determinism
-def test_train_augmentation_depends_only_on_seed_epoch_index(tmp_path):
-    root = write_class_folders(tmp_path / "imgs", ["a", "b"], 3)
-    cfg = data_cfg(source="folder", root=str(root), val_size=2, val_pick="first", allow_rare_classes=True,
-                   augment={"crop_padding": 4, "hflip": 0.5})
-    s = build_splits(cfg)
-
-    def train_ds(seed: int = 0) -> ImageDataset:
-        return make_datasets(s, cfg, seed=seed)["train"]
-
-    ds = train_ds()
-    n = len(ds)
-    assert n == 4
-    forward = [ds[k][0] for k in range(n)]
-    backward = [ds[k][0] for k in reversed(range(n))][::-1]
-    torch.manual_seed(123)                                  # the global RNG state does not matter ...
-    alone = train_ds()[2][0]
-    state = torch.get_rng_state()
-    train_ds()[1]
-    assert torch.equal(torch.get_rng_state(), state)         # ... and is not consumed
-    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
-    assert torch.equal(alone, forward[2])
-
-    ds.set_epoch(1)
-    epoch1 = [ds[k][0] for k in range(n)]
-    assert not all(torch.equal(a, b) for a, b in zip(forward, epoch1))
-    ds.set_epoch(0)
-    assert all(torch.equal(ds[k][0], forward[k]) for k in range(n))
-
-    other_seed = train_ds(seed=1)
-    assert not all(torch.equal(other_seed[k][0], forward[k]) for k in range(n))
-
-    plain = make_datasets(s, cfg, seed=0)["val"]              # evaluation never augments: the pixels are the
-    assert plain.seed is None                                 # eval transform of the file, every epoch
-    eval_transform = Preprocess.from_data(cfg).eval_transform()
-    expected = [eval_transform(Image.open(p)) for p in paths(s.val)]
-    assert [x.shape for x in expected] == [(1, 16, 16)] * 2
-    for epoch in (0, 1):
-        plain.set_epoch(epoch)
-        assert all(torch.equal(plain[k][0], expected[k]) for k in range(2))
-
-
 # ---------------------------------------------------------------- framing: train as eval
 @pytest.mark.parametrize("crop_pct", [0.875, 1.0])
 def test_train_without_augmentation_frames_like_eval(crop_pct):

@@ -188,3 +188,23 @@ def test_listfile_recipe_dry_run_stops_on_a_typo(tmp_path, capsys):
     (tmp_path / "train.txt").write_text("\n".join(train) + "\n")
     assert train_main([*args, "--dry-run"]) == 0
     assert "listfile: 10 classes, train 60 / val 20 / test 0" in capsys.readouterr().out
+
+
+def test_a_class_name_that_is_a_path_is_refused_before_training(tmp_path):
+    """Class names become folder names (imgcls-predict --sort-into): refused at the start, not at the first save."""
+    from PIL import Image
+
+    from imgcls.data import build_splits
+    from imgcls.recipe import DataConfig
+    from imgcls.split import DataError
+
+    lines = []
+    for k in range(12):
+        Image.new("L", (8, 8), k * 10).save(tmp_path / f"{k}.png")
+        lines.append(f"{k}.png {'cats/big' if k % 2 else 'dog'}")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source="listfile", root=str(tmp_path), train_list="train.txt", image_size=(8, 8), channels=1,
+                     mean=[0.5], std=[0.5])
+    with pytest.raises(DataError) as e:
+        build_splits(cfg)
+    assert str(e.value).startswith("data.source = 'listfile': class name 'cats/big' contains a path separator")

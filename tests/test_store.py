@@ -232,6 +232,10 @@ def test_train_frame_ignores_crop_pct_when_the_size_is_given(mixed, tmp_path):
     assert a.path == b.path and split.reader.opened == 0
 
 
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_stopped_fill_is_never_used_and_is_cleaned(mixed, tmp_path, caplog):
     cache = tmp_path / "cache"
     stopped = Split("train", [0] * len(mixed), Counting(mixed, fail_at=3))
@@ -248,7 +252,7 @@ def test_a_stopped_fill_is_never_used_and_is_cleaned(mixed, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="imgcls.store"):
         again = open_disk(split, pre(), "eval", cache_dir=str(cache))
     assert split.reader.opened == len(mixed) and entries(cache) == {key} and (again.path / COMPLETE).exists()
-    assert caplog.messages == [f"image cache {cache / key} is unusable (no COMPLETE marker: its fill was stopped); "
+    assert warnings(caplog) == [f"image cache {cache / key} is unusable (no COMPLETE marker: its fill was stopped); "
                                f"removing it and filling it again",
                                f"removing {killed}: the fill that wrote it was stopped"]
     assert torch.equal(again.pixels, fill_memory(counting_split(mixed), pre(), "eval").pixels)
@@ -263,7 +267,7 @@ def test_a_truncated_pixels_file_is_refilled(mixed, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="imgcls.store"):
         open_disk(split, pre(), "eval", cache_dir=str(tmp_path))
     assert split.reader.opened == len(mixed)
-    assert caplog.messages == [f"image cache {pixels.parent} is unusable ({pixels}: 100 bytes, its manifest says "
+    assert warnings(caplog) == [f"image cache {pixels.parent} is unusable ({pixels}: 100 bytes, its manifest says "
                                f"(6, 3, 13, 17) = 3978); removing it and filling it again"]
 
 
