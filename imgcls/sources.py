@@ -16,6 +16,7 @@ from PIL import Image
 
 from .images import check_image, open_image
 from .labels import Entry, assign_labels, first_appearances, list_class_names
+from .index_cache import cached_scan
 from .recipe import DataConfig
 from .split import DataError, Split
 
@@ -100,7 +101,7 @@ def index_folder(cfg: DataConfig) -> Indexed:
         raise DataError(f"data.root = {cfg.root!r}: no such folder")
     exts = image_extensions()
     dirs = _split_dirs(root, cfg)
-    found = {split: _scan_classes(d, exts) for split, d in dirs.items()}
+    found = {split: cached_scan(d, exts, _scan_classes, cfg.cache_dir) for split, d in dirs.items()}
     class_names = list(found[cfg.train_split][0])
     splits, first_seen, empty = {}, {}, []
     for split, (classes, no_images) in found.items():

@@ -124,5 +124,6 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "imgcls_cache"))  # data.cache = "disk", folder index
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
