@@ -84,7 +84,7 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     if val is None:
         train, val = carve_val(train, cfg)
     checked = check_images({"train": train, "val": val, **({"test": test} if test else {})}, found.empty_folders,
-                           cfg.on_bad_image)
+                           cfg.on_bad_image, cfg.cache_dir)
     return DataSplits(checked["train"], checked["val"], checked.get("test"), found.class_names)
 
 

@@ -5,17 +5,23 @@ in a thread pool (PIL releases the GIL while it decodes), then lists every unrea
 folder without images: one DataError with `data.on_bad_image = "error"`; with "skip", the splits without
 them and one warning with the counts. More than SHOWN problems: the message shows the first SHOWN and writes
 the full list to a file whose path it gives. Measured on 2 busy cores: 5,000 CIFAR JPEGs (32 px) 0.4 s,
-5,000 JPEGs of 500x375 1.3 s, the 70,000 MNIST PNG rows of the hub layout ~3.5 s.
+5,000 JPEGs of 500x375 1.3 s, the 70,000 MNIST PNG rows of the hub layout ~3.5 s. The result is kept in the
+cache folder (`data.cache_dir`) under a key of the split's images (every path with its size and mtime, or the
+dataset's fingerprint): a second run over unchanged images reads it instead of decoding them again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .fingerprint import FORMAT_VERSION, cache_root, source_fingerprint
 from .images import BAD_IMAGE_ERRORS
 from .split import DataError, Split
 
@@ -40,10 +46,37 @@ def _check_items(split: Split, items: list[int]) -> list[tuple[int, str]]:
     return bad
 
 
-def find_unreadable(splits: list[Split]) -> list[list[tuple[int, str]]]:
-    """For each split, (item, "ErrorType: message") of every item that does not decode, in the split's order."""
-    jobs = [(k, split.indices[s:s + CHUNK]) for k, split in enumerate(splits)
-            for s in range(0, len(split.indices), CHUNK)]
+def _result_file(split: Split, cache_dir: str) -> Path | None:
+    """Where the check's result for exactly these images (paths, sizes, mtimes, or the dataset's fingerprint)
+    is kept; None for a reader the fingerprint does not know (then the images are checked every run)."""
+    try:
+        source = source_fingerprint(split)
+    except TypeError:
+        return None
+    key = hashlib.sha256(json.dumps({"check": source, "format": FORMAT_VERSION}, sort_keys=True).encode())
+    return cache_root(cache_dir) / "image-check" / f"{key.hexdigest()}.json"
+
+
+def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple[int, str]]]:
+    """For each split, (item, "ErrorType: message") of every item that does not decode, in the split's order.
+    A split whose images did not change since they were last checked is not decoded again."""
+    files = [_result_file(split, cache_dir) for split in splits]
+    known = [json.loads(f.read_text()) if f is not None and f.is_file() else None for f in files]
+    found = _decode_all(splits, [k for k, seen in enumerate(known) if seen is None])
+    for k, f in enumerate(files):
+        if known[k] is not None:
+            found[k] = [(int(i), why) for i, why in known[k]]
+        elif f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(found[k]))
+            os.replace(tmp, f)
+    return found
+
+
+def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, str]]]:
+    """Decode every item of splits[k] for k in `which` in a thread pool."""
+    jobs = [(k, splits[k].indices[s:s + CHUNK]) for k in which for s in range(0, len(splits[k].indices), CHUNK)]
     found: list[list[tuple[int, str]]] = [[] for _ in splits]
     with ThreadPoolExecutor(_threads()) as pool:
         results = pool.map(lambda job: (job[0], _check_items(splits[job[0]], job[1])), jobs)
@@ -67,14 +100,15 @@ def _listing(problems: list[str]) -> list[str]:
     return lines
 
 
-def check_images(splits: dict[str, Split], empty_folders: list[str], on_bad_image: str) -> dict[str, Split]:
+def check_images(splits: dict[str, Split], empty_folders: list[str], on_bad_image: str,
+                 cache_dir: str = "") -> dict[str, Split]:
     """`splits` as they are when every image decodes and no class folder is empty; otherwise one DataError
     naming every problem ("error"), or the splits without the unreadable images and a warning ("skip")."""
     first_names: dict[int, tuple[str, Split]] = {}
     for name, s in splits.items():  # the same split may serve twice (val_split = test_split)
         first_names.setdefault(id(s), (name, s))
     unique = list(first_names.values())
-    bad = dict(zip(first_names, find_unreadable([s for _, s in unique])))
+    bad = dict(zip(first_names, find_unreadable([s for _, s in unique], cache_dir)))
     problems = [f"{s.describe(i)}: {why}" for _, s in unique for i, why in bad[id(s)]]
     problems += [f"{folder}: class folder has no images" for folder in empty_folders]
     if not problems:

@@ -110,3 +110,22 @@ def test_an_image_that_breaks_after_the_check_is_named_when_read(tmp_path):
     assert str(e.value).startswith(f"cannot read image {broken}: UnidentifiedImageError: ")
     assert str(e.value).endswith('Fix or remove the file, or set data.on_bad_image = "skip" to leave unreadable '
                                  'images out.')
+
+
+def test_the_check_is_not_repeated_for_unchanged_images_and_is_for_changed_ones(broken, monkeypatch):
+    """A second run over the same files reads the check's result from the cache folder; a file whose size or
+    mtime changed is checked again (here: the broken PNG replaced by a good one)."""
+    from imgcls.sources import FileImages
+
+    calls = []
+    original = FileImages.check
+    monkeypatch.setattr(FileImages, "check", lambda self, i: calls.append(i) or original(self, i))
+    first = build_splits(folder_cfg(broken, "skip"))
+    assert len(calls) == 27  # train 18 + 2 broken, val 6 + 1 broken
+    calls.clear()
+    again = build_splits(folder_cfg(broken, "skip"))
+    assert calls == [] and again.train.indices == first.train.indices and again.val.indices == first.val.indices
+    Image.new("L", (16, 16)).save(broken / "train" / "a" / "x.png", "PNG")
+    mended = build_splits(folder_cfg(broken, "skip"))
+    assert len(calls) == 20  # the train split again; val is unchanged
+    assert len(mended.train) == len(first.train) + 1
