@@ -4,7 +4,8 @@ memory (the ceiling) against the trainer on the recipe, interleaved A, B, A, B i
     HF_HUB_OFFLINE=1 python benchmarks/ceiling.py recipes/mnist.toml [section.key=value ...] [--rounds 2]
         [--steps 150] [--threads N]
 
-The trainer runs as a user runs it (`python -m imgcls.train RECIPE train.max_steps=S ...`, one process, the
+Both run in a fresh process each (so neither inherits the other's threads, allocator or warm caches). The
+trainer runs as a user runs it (`python -m imgcls.train RECIPE train.max_steps=S ...`, one process, the
 same thread count as the bare loop); its speed is the median `images_per_s` of its metrics.jsonl windows after
 the first (start-up and the first batches excluded), which includes every wait for data. The bare loop builds the
 same model, optimizer, batch size and loss, on random tensors created once, and times S steps after 10 warm-up
@@ -54,6 +55,12 @@ def bare_loop(recipe, num_classes: int, steps: int, threads: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
+def bare_loop_process(recipe_path: str, overrides: list[str], steps: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, recipe_path, *overrides, "--bare", "--steps", str(steps), "--threads",
+           str(threads)]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
 def trainer(recipe_path: str, overrides: list[str], steps: int, threads: int, out: Path) -> tuple[float, float]:
     """Median images/s and data-wait fraction of the trainer's logged windows after the first."""
     every = max(steps // 8, 5)
@@ -75,12 +82,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
+    p.add_argument("--bare", action="store_true", help="only the bare loop, in this process; prints images/s")
     args = p.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    num_classes = len(build_splits(recipe.data).class_names)
+    if args.bare:
+        num_classes = len(build_splits(recipe.data).class_names)
+        print(bare_loop(recipe, num_classes, args.steps, args.threads))
+        return 0
     rows = []
     for k in range(args.rounds):
-        ceiling = bare_loop(recipe, num_classes, args.steps, args.threads)
+        ceiling = bare_loop_process(args.recipe, args.overrides, args.steps, args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             speed, wait = trainer(args.recipe, args.overrides, args.steps, args.threads, Path(tmp))
         rows.append({"round": k, "ceiling": ceiling, "trainer": speed, "ratio": speed / ceiling,

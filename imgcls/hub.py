@@ -45,8 +45,8 @@ class HubRows:
         cell = self._column[i]
         return cell["bytes"].as_py() or cell["path"].as_py()
 
-    def open(self, i: int) -> Image.Image:
-        return open_image(self._source(i))
+    def open(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        return open_image(self._source(i), draft)
 
     def describe(self, i: int) -> str:
         return f"{self.dataset} [{self.name}] row {i}"

@@ -46,8 +46,8 @@ class FileImages:
     def __init__(self, paths: list[str]):
         self.paths = paths
 
-    def open(self, i: int) -> Image.Image:
-        return open_image(self.paths[i])
+    def open(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        return open_image(self.paths[i], draft)
 
     def describe(self, i: int) -> str:
         return self.paths[i]

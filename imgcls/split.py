@@ -18,7 +18,7 @@ class DataError(ValueError):
 
 
 class Reader(Protocol):
-    def open(self, i: int) -> Image.Image: ...
+    def open(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image: ...
 
     def describe(self, i: int) -> str: ...
 
@@ -41,8 +41,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def open(self, i: int) -> Image.Image:
-        return self.reader.open(i)
+    def open(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        """Item i, upright; `draft` (width, height) lets a large JPEG decode at a reduced scale (see
+        `images.open_image`)."""
+        return self.reader.open(i, draft)
 
     def describe(self, i: int) -> str:
         return self.reader.describe(i)

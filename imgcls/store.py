@@ -96,11 +96,13 @@ class Framer:
         # is a copy), so such images skip the ~80 us of the v2 call: MNIST's 70,000 28x28 images
         only_resize = [type(op) for op in self.ops.transforms] == [v2.Resize]
         self.unchanged_at = (self.shape[2], self.shape[1]) if only_resize else None
+        # train images are resized to the working size: a large JPEG may be decoded at 1/2-1/8 scale first
+        self.draft = (self.shape[2], self.shape[1]) if frame == "train" else None
 
     def __call__(self, k: int) -> torch.Tensor:
         i = self.split.indices[k]
         try:
-            image = self.pre.convert(self.split.open(i))
+            image = self.pre.convert(self.split.open(i, self.draft))
         except BAD_IMAGE_ERRORS as e:
             raise DataError(f"cannot read image {self.split.describe(i)}: {type(e).__name__}: {e}. Fix or remove "
                             f"the file, or set data.on_bad_image = \"skip\" to leave unreadable images out.") from None

@@ -40,6 +40,7 @@ from .tracking import RunLog
 from .transforms import Preprocess, batch_mix
 
 log = get_logger(__name__)
+STOP_CHECK_STEPS = 10  # with several processes, a stop signal is acted on within this many optimizer steps
 
 
 class Trainer:
@@ -186,9 +187,11 @@ class Trainer:
         run_end = s.step >= self.plan.total_steps or s.epoch >= r.train.epochs
         if run_end or (epoch_end and (epoch + 1) % r.train.eval_every_epochs == 0):
             self.validate(epoch)
-        stop = self.stop.agreed(self.accelerator)
         every, every_epochs = r.checkpoint.every_steps, r.checkpoint.every_epochs
         due = (every and s.step % every == 0) or (epoch_end and every_epochs and (epoch + 1) % every_epochs == 0)
+        # several processes agree by an all-reduce: every STOP_CHECK_STEPS steps, and wherever a save is due anyway
+        ask = self.accelerator.num_processes == 1 or s.step % STOP_CHECK_STEPS == 0 or due or epoch_end or run_end
+        stop = bool(ask) and self.stop.agreed(self.accelerator)
         if due or run_end or stop or self.done:
             self.save_checkpoint()
         if stop:

@@ -46,11 +46,11 @@ class Counting:
     def paths(self) -> list[str]:
         return self.files.paths
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int, draft=None) -> Image.Image:
         self.opened += 1
         if i == self.fail_at:
             raise KeyboardInterrupt  # a fill stopped half way (Ctrl-C, or a kill)
-        return self.files.open(i)
+        return self.files.open(i, draft)
 
     def describe(self, i: int) -> str:
         return self.files.describe(i)
@@ -360,8 +360,8 @@ def test_shared_memory_and_disk_space_are_checked_first(mixed, tmp_path, monkeyp
 
 def test_a_reader_without_an_identity_cannot_use_the_disk_cache(mixed):
     class Opaque:
-        def open(self, i):
-            return open_image(mixed[i])
+        def open(self, i, draft=None):
+            return open_image(mixed[i], draft)
 
     with pytest.raises(TypeError) as e:
         source_fingerprint(Split("val", [0] * len(mixed), Opaque()))
@@ -514,3 +514,28 @@ def test_folder_index_of_a_folder_that_just_changed_is_not_cached(class_tree, tm
     for _ in range(2):
         cached_scan(class_tree, exts, counting_scan(calls), str(tmp_path / "cache"))
     assert len(calls) == 2 and not (tmp_path / "cache" / "folder-index").exists()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_train_frame_only(tmp_path):
+    """libjpeg's draft mode: a 256 px JPEG stored at a 32 px working size decodes at 1/8 scale (8x fewer pixels
+    to decode and resize); the eval frame decodes fully, as imgcls-predict does."""
+    import numpy as np
+    from imgcls.sources import FileImages
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(path)
+    assert open_image(str(path), draft=(32, 32)).size == (32, 32)
+    assert open_image(str(path)).size == (256, 256)
+    split = Split("train", [0], FileImages([str(path)]))
+    p = Preprocess((32, 32), 3, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    seen = []
+    original = FileImages.open
+    FileImages.open = lambda self, i, draft=None: seen.append(draft) or original(self, i, draft)
+    try:
+        train = fill_memory(split, p, "train").pixels[0]
+        evaluation = fill_memory(split, p, "eval").pixels[0]
+    finally:
+        FileImages.open = original
+    assert seen == [(32, 32), None]
+    expected = v2.functional.pil_to_tensor(open_image(str(path), draft=(32, 32)))  # already 32 px: no resize
+    assert torch.equal(train, expected) and not torch.equal(train, evaluation)
