@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .calibration import softmax
-from .classnames import check_class_names, name_problem
+from .classnames import ClassNameError, check_class_names, folder_names, name_problem
 from .images import open_image
 
 log = logging.getLogger(__name__)
@@ -292,16 +292,21 @@ def claim_free_name(folder: Path, name: str) -> Path:
 
 
 def sort_into(rows: list[dict], dest: Path) -> int:
-    """Copy each predicted image to dest/<answer>/ (the uncertain answer included), never overwriting. Every
-    target is checked to resolve inside dest before anything is copied (class names are checked when a model is
-    loaded; this also catches links planted inside dest)."""
+    """Copy each predicted image to dest/<answer's folder>/ (the uncertain answer included), never overwriting.
+    An answer becomes one safe folder name (`classnames.folder_name`: `T - shirt / top` -> `T - shirt _ top`),
+    and every target is checked to resolve inside dest before anything is copied (this also catches links
+    planted inside dest)."""
     root = Path(dest).resolve()
+    try:
+        folders = folder_names(sorted({row["prediction"] for row in rows}))
+    except ClassNameError as e:
+        raise SortError(f"--sort-into {dest}: {e}; nothing was copied") from None
     for row in rows:
-        target = Path(dest) / row["prediction"] / Path(row["path"]).name
+        target = Path(dest) / folders[row["prediction"]] / Path(row["path"]).name
         if not target.resolve().is_relative_to(root):
             raise SortError(f"--sort-into {dest}: {target} would be outside {dest}; nothing was copied")
     for row in rows:
-        folder = Path(dest) / row["prediction"]
+        folder = Path(dest) / folders[row["prediction"]]
         folder.mkdir(parents=True, exist_ok=True)
         target = claim_free_name(folder, Path(row["path"]).name)
         try:
@@ -338,8 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.top_k < 1 or args.batch_size < 1:
         p.error("--top-k and --batch-size must be >= 1")
     problem = name_problem(args.uncertain_label)
-    if args.sort_into and problem:
-        p.error(f"--uncertain-label {args.uncertain_label!r} {problem}; with --sort-into it becomes a folder name")
+    if problem:
+        p.error(f"--uncertain-label {args.uncertain_label!r} {problem}")
     args.format = args.format or ("jsonl" if str(args.output or "").endswith((".jsonl", ".json")) else "csv")
     return args
 

@@ -190,8 +190,8 @@ def test_listfile_recipe_dry_run_stops_on_a_typo(tmp_path, capsys):
     assert "listfile: 10 classes, train 60 / val 20 / test 0" in capsys.readouterr().out
 
 
-def test_a_class_name_that_is_a_path_is_refused_before_training(tmp_path):
-    """Class names become folder names (imgcls-predict --sort-into): refused at the start, not at the first save."""
+def test_a_class_name_that_cannot_be_a_label_is_refused_before_training(tmp_path):
+    """Refused at the start, not at the first artifact save."""
     from PIL import Image
 
     from imgcls.data import build_splits
@@ -201,10 +201,11 @@ def test_a_class_name_that_is_a_path_is_refused_before_training(tmp_path):
     lines = []
     for k in range(12):
         Image.new("L", (8, 8), k * 10).save(tmp_path / f"{k}.png")
-        lines.append(f"{k}.png {'cats/big' if k % 2 else 'dog'}")
+        lines.append(f"{k}.png " + ("cat\x07" if k % 2 else "dog"))
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     cfg = DataConfig(source="listfile", root=str(tmp_path), train_list="train.txt", image_size=(8, 8), channels=1,
                      mean=[0.5], std=[0.5])
     with pytest.raises(DataError) as e:
         build_splits(cfg)
-    assert str(e.value).startswith("data.source = 'listfile': class name 'cats/big' contains a path separator")
+    assert str(e.value) == ("data.source = 'listfile': class name 'cat\\x07' contains the control character U+0007; "
+                            "a class name must be a non-empty string without control characters")
