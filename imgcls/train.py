@@ -44,8 +44,12 @@ STOP_CHECK_STEPS = 10  # with several processes, a stop signal is acted on withi
 
 
 class Trainer:
+    """One run: its recipe, accelerator, plan, run folder and, after `setup()`, its data, model, optimizer,
+    schedule, state and trackers. `source`: the checkpoint to resume from, or None."""
+
     def __init__(self, recipe: Recipe, accelerator, plan: Plan, run_dir: Path, source: Path | None):
-        self.recipe, self.accelerator, self.plan, self.run_dir, self.source = recipe, accelerator, plan, run_dir, source
+        self.recipe, self.accelerator, self.plan = recipe, accelerator, plan
+        self.run_dir, self.source = run_dir, source
         self.micro_per_epoch = plan.steps_per_epoch * recipe.train.grad_accum_steps
         self.saved_step = -1  # one checkpoint per optimizer step, however many reasons ask for it
         self.stop: StopSignal | None = None

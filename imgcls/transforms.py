@@ -1,7 +1,9 @@
 """Preprocessing the model owns (size, channels, mean/std, interpolation) and train-time augmentation.
 
 `Preprocess` is stored in every artifact; predict/export/eval rebuild the eval transform from it, never from
-defaults. Transforms are torchvision v2.
+defaults. Transforms are torchvision v2. Training does not run `train_transform` image by image any more: it
+is the per-image definition that `augment.BatchAugment` reproduces on whole uint8 batches (tests hold the two
+together); the image store frames its eval pixels with `eval_transform`'s own ops.
 """
 from __future__ import annotations
 
