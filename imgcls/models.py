@@ -15,6 +15,7 @@ so "backbone" means everything else. List the names from the shell with `imgcls-
 from __future__ import annotations
 
 import argparse
+import os
 import difflib
 import functools
 import inspect
@@ -446,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model name contains {args.part!r}; `imgcls-models` lists all {len(available_models())} names",
               file=sys.stderr)
         return 1
-    print("\n".join(names))
+    try:
+        print("\n".join(names), flush=True)
+    except BrokenPipeError:  # `imgcls-models | head`: the reader has what it wanted (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .calibration import softmax
 from .classnames import ClassNameError, check_class_names, folder_names, name_problem
-from .images import open_image
+from .images import BAD_IMAGE_ERRORS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,6 @@ DEPLOY_FORMAT = "imgcls-deploy/1"
 UNCERTAIN = "uncertain"
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC}
-# What PIL raises for a missing, foreign, truncated or oversized file (UnidentifiedImageError is an OSError;
-# some truncated formats raise SyntaxError or ValueError). Anything else is a bug and propagates.
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError)
 
 
 class ModelError(ValueError):
@@ -235,7 +232,7 @@ def predict(model: Predictor, paths: list[str], batch_size: int = 32, top_k: int
             try:
                 arrays.append(read_views(path, model.preprocess, tta, tta_crop))
                 good.append(path)
-            except IMAGE_ERRORS as e:
+            except BAD_IMAGE_ERRORS as e:  # PIL's errors only: anything else is a bug and propagates
                 log.warning("skipped %s: %s: %s", path, type(e).__name__, e)
                 rows[path] = {"path": path, "error": f"{type(e).__name__}: {e}"}
         if arrays:
