@@ -15,12 +15,12 @@ so "backbone" means everything else. List the names from the shell with `imgcls-
 from __future__ import annotations
 
 import argparse
-import os
 import difflib
 import functools
 import inspect
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
