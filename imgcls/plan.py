@@ -8,7 +8,8 @@ import torch
 
 from .data import DataSplits, build_splits
 from .distributed import per_device_batch
-from .models import apply_freeze, build_model, check_model_args, count_parameters, load_weights
+from .models import build_model, check_model_args, count_parameters
+from .weights import apply_freeze, load_weights
 from .recipe import Recipe, RecipeError
 
 

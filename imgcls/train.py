@@ -28,7 +28,6 @@ from .data import make_datasets, make_loader
 from .distributed import apply_cpu_threads, create_accelerator
 from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
 from .metrics import evaluate, per_class_accuracy, scalars
-from .models import set_train_mode
 from .plan import Plan, make_plan
 from .preflight import PreflightError
 from .optim import build_optimizer, build_scheduler
@@ -38,6 +37,7 @@ from .signals import StopSignal, resume_command
 from .sources import DataError
 from .tracking import RunLog
 from .transforms import Preprocess, batch_mix
+from .weights import set_train_mode
 
 log = get_logger(__name__)
 STOP_CHECK_STEPS = 10  # with several processes, a stop signal is acted on within this many optimizer steps

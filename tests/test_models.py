@@ -11,8 +11,9 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from imgcls.gem import GeM
-from imgcls.models import (accepted_args, apply_freeze, available_models, build_model, check_model_args,
-                           classifier_prefix, count_parameters, first_conv, load_weights, set_train_mode)
+from imgcls.models import (accepted_args, available_models, build_model, check_model_args, classifier_prefix,
+                           count_parameters, first_conv)
+from imgcls.weights import apply_freeze, load_weights, set_train_mode
 from imgcls.recipe import ModelConfig, RecipeError
 
 NUM_CLASSES = 10
