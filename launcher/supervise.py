@@ -62,9 +62,10 @@ def _forward(signum: int, frame) -> None:
 def _quiet_expected(record: logging.LogRecord) -> bool:
     """torch elastic's lines that are wrong or noise here: signals ARE handled (by _forward), and a worker that
     exits EXIT_PREEMPTED stopped on purpose after saving (its own log says so)."""
-    if record.msg.startswith("Failed to register signal handlers since torchelastic is running on a child thread"):
+    msg = str(record.msg)  # a record's msg may be any object
+    if msg.startswith("Failed to register signal handlers since torchelastic is running on a child thread"):
         return False
-    return not (record.msg.startswith("failed (exitcode: %s)") and record.args[0] == EXIT_PREEMPTED)
+    return not (msg.startswith("failed (exitcode: %s)") and record.args and record.args[0] == EXIT_PREEMPTED)
 
 
 def exit_status(error: BaseException | None, expected: Expected | None, timeout_s: float) -> int:
