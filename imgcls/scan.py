@@ -22,18 +22,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .fingerprint import FORMAT_VERSION, cache_root, source_fingerprint
-from .images import BAD_IMAGE_ERRORS
+from .images import BAD_IMAGE_ERRORS, decode_threads
 from .split import DataError, Split
 
 log = logging.getLogger(__name__)
 
 SHOWN = 20
 CHUNK = 256  # items per task: few enough tasks to keep the pool's overhead small, enough to balance threads
-
-
-def _threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores))
 
 
 def _check_items(split: Split, items: list[int]) -> list[tuple[int, str]]:
@@ -78,7 +73,7 @@ def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, s
     """Decode every item of splits[k] for k in `which` in a thread pool."""
     jobs = [(k, splits[k].indices[s:s + CHUNK]) for k in which for s in range(0, len(splits[k].indices), CHUNK)]
     found: list[list[tuple[int, str]]] = [[] for _ in splits]
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(decode_threads()) as pool:
         results = pool.map(lambda job: (job[0], _check_items(splits[job[0]], job[1])), jobs)
         for k, bad in tqdm(results, total=len(jobs), desc="checking images", unit="chunk", disable=None,
                            leave=False):

@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
-from .images import BAD_IMAGE_ERRORS
+from .images import BAD_IMAGE_ERRORS, decode_threads
 from .split import DataError, Split
 from .storelock import START_WAIT_S, fill_lock, wait_for_filler
 from .transforms import Preprocess
@@ -199,11 +199,6 @@ class DecodingImages(_Batches):
 
 
 # ---------------------------------------------------------------- filling
-def _threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores))
-
-
 def fill(pixels: torch.Tensor, framer: Framer, desc: str, show: bool = True, threads: int | None = None) -> None:
     """Write image k into pixels[k] for every k, decoding in a thread pool; the first error stops the rest."""
     n = pixels.shape[0]
@@ -215,7 +210,7 @@ def fill(pixels: torch.Tensor, framer: Framer, desc: str, show: bool = True, thr
         return stop - start
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(threads or _threads()) as pool, \
+    with ThreadPoolExecutor(threads or decode_threads()) as pool, \
             tqdm(total=n, desc=desc, unit="img", disable=None if show else True, leave=False) as bar:
         futures = [pool.submit(work, s) for s in range(0, n, CHUNK)]
         try:
