@@ -26,12 +26,6 @@ BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombErro
                     EOFError)
 
 
-def decode_threads() -> int:
-    """Threads for decoding many images (PIL releases the GIL while it decodes): the usable cores, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores))
-
-
 def _open(source: ImageSource) -> Image.Image:
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 

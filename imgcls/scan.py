@@ -1,7 +1,7 @@
 """The up-front image check: every image is decoded once before training, and every problem is named at once.
 
 `check_images` decodes each item of each split (`Reader.check`: JPEGs at 1/8 scale, see `images.check_image`)
-in a thread pool (PIL releases the GIL while it decodes), then lists every unreadable image and every class
+in forked processes (`pool.map_chunks`), then lists every unreadable image and every class
 folder without images: one DataError with `data.on_bad_image = "error"`; with "skip", the splits without
 them and one warning with the counts. More than SHOWN problems: the message shows the first SHOWN and writes
 the full list to a file whose path it gives. Measured on 2 busy cores: 5,000 CIFAR JPEGs (32 px) 0.4 s,
@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .fingerprint import FORMAT_VERSION, cache_root, source_fingerprint
-from .images import BAD_IMAGE_ERRORS, decode_threads
+from .images import BAD_IMAGE_ERRORS
+from .pool import map_chunks
 from .split import DataError, Split
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ SHOWN = 20
 CHUNK = 256  # items per task: few enough tasks to keep the pool's overhead small, enough to balance threads
 
 
-def _check_items(split: Split, items: list[int]) -> list[tuple[int, str]]:
+def _check_items(splits: list[Split], job: tuple[int, list[int]]) -> list[tuple[int, str]]:
+    split, items = splits[job[0]], job[1]
     bad = []
     for i in items:
         try:
@@ -70,14 +71,13 @@ def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple
 
 
 def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, str]]]:
-    """Decode every item of splits[k] for k in `which` in a thread pool."""
+    """Decode every item of splits[k] for k in `which`, chunk by chunk in a process pool."""
     jobs = [(k, splits[k].indices[s:s + CHUNK]) for k in which for s in range(0, len(splits[k].indices), CHUNK)]
     found: list[list[tuple[int, str]]] = [[] for _ in splits]
-    with ThreadPoolExecutor(decode_threads()) as pool:
-        results = pool.map(lambda job: (job[0], _check_items(splits[job[0]], job[1])), jobs)
-        for k, bad in tqdm(results, total=len(jobs), desc="checking images", unit="chunk", disable=None,
-                           leave=False):
-            found[k] += bad
+    results = map_chunks(_check_items, splits, jobs)
+    for (k, _), bad in tqdm(zip(jobs, results), total=len(jobs), desc="checking images", unit="chunk",
+                            disable=None, leave=False):
+        found[k] += bad
     return found
 
 

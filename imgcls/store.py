@@ -20,8 +20,8 @@ copying it; each training process fills its own); "disk" keeps the store under <
 A disk store is written to <key>.tmp-<pid>-<token>/ with COMPLETE last, then renamed, under a file lock
 (<key>.lock): a stopped fill is never used, and the next filler removes it. With several processes on a node,
 local rank 0 fills; the others wait for COMPLETE for as long as a filler holds the lock.
-Fills decode in a thread pool (PIL releases the GIL while decoding and resizing), chunk by chunk, straight
-into the store: memory stays flat.
+Fills decode in forked processes (`pool.map_chunks`), chunk by chunk, straight into the shared or mapped
+store: memory stays flat.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,8 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
-from .images import BAD_IMAGE_ERRORS, decode_threads
+from .images import BAD_IMAGE_ERRORS
+from .pool import map_chunks
 from .split import DataError, Split
 from .storelock import START_WAIT_S, fill_lock, wait_for_filler
 from .transforms import Preprocess
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 FRAMES = ("eval", "train")
 CACHES = ("none", "memory", "disk")
-CHUNK = 256  # images per pool task: little pool overhead, and threads stay balanced
+CHUNK = 256  # images per pool task: little pool overhead, and the workers stay balanced
 PIXELS, LABELS, MANIFEST, COMPLETE = "pixels.u8", "labels.npy", "manifest.json", "COMPLETE"
 
 
@@ -199,27 +199,22 @@ class DecodingImages(_Batches):
 
 
 # ---------------------------------------------------------------- filling
-def fill(pixels: torch.Tensor, framer: Framer, desc: str, show: bool = True, threads: int | None = None) -> None:
-    """Write image k into pixels[k] for every k, decoding in a thread pool; the first error stops the rest."""
+def _fill_chunk(shared: tuple[torch.Tensor, "Framer"], start: int) -> int:
+    pixels, framer = shared
+    stop = min(start + CHUNK, pixels.shape[0])
+    for k in range(start, stop):
+        pixels[k].copy_(framer(k))
+    return stop - start
+
+
+def fill(pixels: torch.Tensor, framer: Framer, desc: str, show: bool = True, workers: int | None = None) -> None:
+    """Write image k into pixels[k] for every k (a tensor in shared memory or a mapped file, which the forked
+    pool's processes write in place); the first error stops the rest."""
     n = pixels.shape[0]
-
-    def work(start: int) -> int:
-        stop = min(start + CHUNK, n)
-        for k in range(start, stop):
-            pixels[k].copy_(framer(k))
-        return stop - start
-
     started = time.perf_counter()
-    with ThreadPoolExecutor(threads or decode_threads()) as pool, \
-            tqdm(total=n, desc=desc, unit="img", disable=None if show else True, leave=False) as bar:
-        futures = [pool.submit(work, s) for s in range(0, n, CHUNK)]
-        try:
-            for done in as_completed(futures):
-                bar.update(done.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    with tqdm(total=n, desc=desc, unit="img", disable=None if show else True, leave=False) as bar:
+        for done in map_chunks(_fill_chunk, (pixels, framer), range(0, n, CHUNK), workers):
+            bar.update(done)
     seconds = time.perf_counter() - started
     log.info("%s: %d images in %.1f s (%.0f images/s)", desc, n, seconds, n / max(seconds, 1e-9))
 
@@ -237,11 +232,11 @@ def _shared_tensor(shape: tuple[int, ...], split: Split) -> torch.Tensor:
 
 
 def fill_memory(split: Split, pre: Preprocess, frame: str, size: tuple[int, int] | None = None,
-                show: bool = True, threads: int | None = None) -> ImageStore:
+                show: bool = True, workers: int | None = None) -> ImageStore:
     """A store in shared memory, filled now from the split."""
     framer = Framer(split, pre, frame, size)
     pixels = _shared_tensor((len(split), *framer.shape), split)
-    fill(pixels, framer, f"decoding {split.name}", show, threads)
+    fill(pixels, framer, f"decoding {split.name}", show, workers)
     return ImageStore(pixels, framer.labels().share_memory_())
 
 
@@ -269,7 +264,7 @@ def _check_space(root: Path, nbytes: int) -> None:
                         f'(or $IMGCLS_CACHE), or use data.cache = "memory"')
 
 
-def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: bool, threads: int | None) -> None:
+def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: bool, workers: int | None) -> None:
     """Fill <key>.tmp-<pid>-<token>/, write COMPLETE last, rename it to <key>/."""
     shape = (len(split), *framer.shape)
     _check_space(folder.parent, math.prod(shape))
@@ -278,7 +273,7 @@ def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: b
     try:
         if len(split):
             mapped = np.memmap(tmp / PIXELS, dtype=np.uint8, mode="w+", shape=shape)
-            fill(torch.from_numpy(mapped), framer, f"caching {split.name}", show, threads)
+            fill(torch.from_numpy(mapped), framer, f"caching {split.name}", show, workers)
             mapped.flush()  # msync: the pixels are on disk before COMPLETE is
             del mapped
         else:
@@ -320,7 +315,7 @@ def _remove_stopped_fills(folder: Path) -> None:
 
 
 def open_disk(split: Split, pre: Preprocess, frame: str, size: tuple[int, int] | None = None,
-              cache_dir: str = "", local_rank: int | None = None, threads: int | None = None,
+              cache_dir: str = "", local_rank: int | None = None, workers: int | None = None,
               start_wait_s: float = START_WAIT_S) -> ImageStore:
     """The disk store of `split` in `frame`: mapped if complete, else filled first (by local rank 0; the
     other local ranks wait for it, see `storelock.wait_for_filler`)."""
@@ -339,7 +334,7 @@ def open_disk(split: Split, pre: Preprocess, frame: str, size: tuple[int, int] |
             _remove_stopped_fills(folder)
             log.info("image cache: filling %s with %d %s images (%s frame, %dx%d)", folder, len(split),
                      split.name, frame, *framer.shape[1:])
-            _fill_disk(framer, split, folder, inputs, show=True, threads=threads)
+            _fill_disk(framer, split, folder, inputs, show=True, workers=workers)
             store = ImageStore.open(folder)
         else:
             log.info("image cache: %d %s images mapped from %s", len(store), split.name, folder)

@@ -45,7 +45,9 @@ def broken(tmp_path) -> Path:
     return root
 
 
-def test_every_broken_file_and_empty_class_folder_in_one_error(broken):
+@pytest.mark.parametrize("chunk", [256, 2])  # one chunk per split, or many: each split checked across processes
+def test_every_broken_file_and_empty_class_folder_in_one_error(broken, chunk, monkeypatch):
+    monkeypatch.setattr("imgcls.scan.CHUNK", chunk)
     with pytest.raises(DataError) as e:
         build_splits(folder_cfg(broken, "error"))
     lines = str(e.value).split("\n")
@@ -119,6 +121,7 @@ def test_the_check_is_not_repeated_for_unchanged_images_and_is_for_changed_ones(
 
     calls = []
     original = FileImages.check
+    monkeypatch.setattr("imgcls.pool.pool_size", lambda: 1)  # decode here, where `calls` is seen
     monkeypatch.setattr(FileImages, "check", lambda self, i: calls.append(i) or original(self, i))
     first = build_splits(folder_cfg(broken, "skip"))
     assert len(calls) == 27  # train 18 + 2 broken, val 6 + 1 broken

@@ -94,7 +94,7 @@ def mixed(tmp_path) -> list[str]:
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 def test_eval_frame_holds_the_pixels_of_todays_eval_path(mixed, channels, crop_pct, interpolation):
     p = pre((13, 17), channels, crop_pct, interpolation)
-    store = fill_memory(counting_split(mixed), p, "eval", threads=2)
+    store = fill_memory(counting_split(mixed), p, "eval", workers=2)
     before_float = v2.Compose(p.eval_transform().transforms[:-2])  # resize (+ crop), ToImage
     for k, path in enumerate(mixed):
         expected = before_float(p.convert(open_image(path)))
@@ -240,7 +240,7 @@ def test_a_stopped_fill_is_never_used_and_is_cleaned(mixed, tmp_path, caplog):
     cache = tmp_path / "cache"
     stopped = Split("train", [0] * len(mixed), Counting(mixed, fail_at=3))
     with pytest.raises(KeyboardInterrupt):
-        open_disk(stopped, pre(), "eval", cache_dir=str(cache), threads=1)
+        open_disk(stopped, pre(), "eval", cache_dir=str(cache), workers=1)
     assert entries(cache) == set()  # the temp folder went with the exception
     store = open_disk(counting_split(mixed), pre(), "eval", cache_dir=str(cache))
     key = store.path.name
@@ -539,3 +539,29 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_train_frame_only(tmp
     assert seen == [(32, 32), None]
     expected = v2.functional.pil_to_tensor(open_image(str(path), draft=(32, 32)))  # already 32 px: no resize
     assert torch.equal(train, expected) and not torch.equal(train, evaluation)
+
+
+# ---------------------------------------------------------------- fills across processes
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_a_fill_split_across_processes_holds_the_pixels_of_a_fill_in_this_process(mixed, tmp_path, monkeypatch,
+                                                                                    cache):
+    here = fill_memory(file_split(mixed), pre(), "train", workers=1)
+    monkeypatch.setattr(store_mod, "CHUNK", 2)  # 3 chunks, so the pool forks
+    if cache == "memory":
+        pooled = fill_memory(file_split(mixed), pre(), "train", workers=2)
+    else:
+        pooled = open_disk(file_split(mixed), pre(), "train", cache_dir=str(tmp_path), workers=2)
+    assert torch.equal(pooled.pixels, here.pixels) and torch.equal(pooled.labels, here.labels)
+    assert pooled.pixels.float().std() > 10  # noise, not an untouched (zero) tensor
+
+
+def test_a_broken_image_in_a_child_process_is_named_in_the_parent(mixed, tmp_path, monkeypatch):
+    Path(mixed[4]).write_bytes(b"not an image")
+    monkeypatch.setattr(store_mod, "CHUNK", 2)
+    with pytest.raises(DataError, match=f"^cannot read image {mixed[4]}: UnidentifiedImageError"):
+        open_disk(file_split(mixed), pre(), "train", cache_dir=str(tmp_path / "cache"), workers=2)
+    assert entries(tmp_path / "cache") == set()
+
+
+def file_split(paths: list[str]) -> Split:
+    return Split("train", [n % 3 for n in range(len(paths))], FileImages(paths))

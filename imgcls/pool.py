@@ -1,0 +1,67 @@
+"""Decoding many images in parallel: forked processes where the platform has fork, threads elsewhere.
+
+    for result in map_chunks(work, shared, chunks):   # work(shared, chunk), a module-level function
+        ...
+
+Threads do not pay for small images: PIL releases the GIL inside libjpeg, but the Python around each image
+(open, header, EXIF, copy) holds it. Measured on this 2-core machine over 20,000 CIFAR JPEGs (32 px) with
+`images.check_image`: one thread 1.6 s, two threads 3.5 s, two forked processes 1.1 s. So the up-front check
+and the store fills run in forked processes. `shared` crosses once per worker (inherited by fork, never
+pickled per task); a tensor in shared memory or a memory-mapped file is written by the children in place.
+Each child computes with one torch thread (as DataLoader workers do) and ignores Ctrl-C: the parent receives
+it, stops handing out chunks, and raises.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator
+
+_SHARED: Any = None
+
+
+def pool_size() -> int:
+    """Workers for decoding: the cores this process may use, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores))
+
+
+def _start_child(shared: Any) -> None:
+    global _SHARED
+    _SHARED = shared
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _in_child(work: Callable, chunk: Any) -> Any:
+    return work(_SHARED, chunk)
+
+
+def _executor(shared: Any, workers: int) -> tuple[Executor, Callable]:
+    if "fork" in multiprocessing.get_all_start_methods():
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_child, initargs=(shared,))
+        return pool, _in_child
+    return ThreadPoolExecutor(workers), lambda work, chunk: work(shared, chunk)
+
+
+def map_chunks(work: Callable[[Any, Any], Any], shared: Any, chunks: Iterable[Any],
+               workers: int | None = None) -> Iterator[Any]:
+    """`work(shared, chunk)` for every chunk, in parallel, results in the chunks' order. The first exception
+    is raised here, after the chunks not yet started are cancelled. One worker (or one chunk): in this
+    process, no pool."""
+    chunks = list(chunks)
+    n = min(workers or pool_size(), len(chunks))
+    if n <= 1:
+        yield from (work(shared, chunk) for chunk in chunks)
+        return
+    pool, call = _executor(shared, n)
+    try:
+        yield from pool.map(partial(call, work), chunks)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
