@@ -1,0 +1,1 @@
+"""`imgcls-data`: data tools (MNIST converter, checks, statistics, shards); see `cli.py`."""

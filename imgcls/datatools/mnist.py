@@ -1,0 +1,12 @@
+"""(imgcls-data mnist: being written.)"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError("imgcls-data mnist is being written")
