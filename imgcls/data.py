@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchAugment, normalize
 from .classnames import ClassNameError, check_class_names
+from .hub import streaming_refusal
 from .images import BAD_IMAGE_ERRORS
 from .labels import check_classes
 from .recipe import DataConfig
@@ -68,6 +69,8 @@ def read_image(split: Split, i: int, preprocess: Preprocess) -> Image.Image:
 
 
 def build_splits(cfg: DataConfig) -> DataSplits:
+    if cfg.streaming:
+        raise streaming_refusal(cfg)
     found = SOURCES[cfg.source](cfg)
     splits = found.splits
     if cfg.train_split not in splits:

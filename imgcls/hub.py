@@ -164,6 +164,21 @@ def _load(cfg: DataConfig, path: str, local: bool):
 
 
 # ---------------------------------------------------------------- splits
+def streaming_refusal(cfg: DataConfig) -> DataError:
+    """data.streaming = true, refused: a `datasets` streaming dataset cannot resume exactly."""
+    name = cfg.dataset or "the dataset"
+    return DataError(
+        f"data.streaming = true: imgcls resumes every run bit-exactly, and a `datasets` streaming dataset cannot: "
+        f"its state_dict keeps the shard and example position but not the shuffle buffer's content (on load "
+        f"\"the shuffle buffer will be refilled before starting to yield new examples\"), so a resumed run sees "
+        f"other samples than the run it continues. To train on {name} without downloading it on every training "
+        f"machine, convert it once where it fits (`imgcls-data shard RECIPE OUT` writes Parquet shards and a "
+        f"manifest), put OUT where the training machines can read it (a folder, an https:// URL, or a hub "
+        f"dataset repo: hf://datasets/<owner>/<repo>/<path>) and train with data.source = \"shards\" and "
+        f"data.root = that place: each process streams its shards through a bounded local cache and resumes "
+        f"exactly. Or remove data.streaming to download {name} into the datasets cache.")
+
+
 def load_hub(cfg: DataConfig) -> tuple[dict[str, Split], list[str]]:
     """Splits of a hub dataset or local hub-layout folder, plus class names from its ClassLabel."""
     import datasets

@@ -77,6 +77,7 @@ class DataConfig(Section):
     dataset: str = ""
     config: str = ""
     revision: str = ""
+    streaming: bool = False  # refused, with the reason and the alternative: see hub.streaming_refusal
     image_column: str = ""
     label_column: str = ""
     # folder and list file: paths are relative to root

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import SHARED_DATA, needs_real_data, write_class_folders
+from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_hub_layout
 from imgcls.data import ImageDataset, build_splits, make_datasets
 from imgcls.recipe import DataConfig
 from imgcls.sources import DataError
@@ -503,3 +503,19 @@ def test_mnist_classic_carve_first_5000():
     train = Counter(s.train.label(k) for k in range(len(s.train)))
     full = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert [train[c] for c in range(10)] == [f - v for f, v in zip(full, [val[c] for c in range(10)])]
+
+
+def test_hub_streaming_is_refused_because_it_cannot_resume_exactly(tmp_path):
+    """A `datasets` streaming dataset loses its shuffle buffer on resume; the refusal says so and names the
+    way that does resume exactly (shards)."""
+    root = write_hub_layout(tmp_path / "hub", ["a", "b"], {"train": 10, "test": 10})
+    cfg = DataConfig(source="hub", dataset=str(root), streaming=True, image_size=(16, 16), channels=1,
+                     mean=[0.5], std=[0.25])
+    with pytest.raises(DataError) as e:
+        build_splits(cfg)
+    text = str(e.value)
+    assert text.startswith("data.streaming = true: imgcls resumes every run bit-exactly, and a `datasets` streaming "
+                           "dataset cannot: its state_dict keeps the shard and example position but not the shuffle "
+                           "buffer's content")
+    assert f"To train on {root} without downloading it on every training machine" in text
+    assert 'train with data.source = "shards"' in text and text.endswith("into the datasets cache.")
