@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchAugment, normalize
 from .classnames import ClassNameError, check_class_names
+from .gpu_decode import EncodedBatch, EncodedImages, decode_batch
 from .hub import streaming_refusal
 from .images import BAD_IMAGE_ERRORS
 from .labels import check_classes
@@ -128,7 +129,9 @@ class Images(Dataset):
     def __getitems__(self, positions: list[int]):
         return self.pixels.__getitems__(positions)
 
-    def model_input(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def model_input(self, images: torch.Tensor | EncodedBatch, positions: torch.Tensor) -> torch.Tensor:
+        if isinstance(images, EncodedBatch):  # data.decode = "gpu": decoded where the positions are, the device
+            images = decode_batch(images, positions.device, self.pixels.size, self.pre)
         if self.augment is None:
             return normalize(images, self.pre.mean, self.pre.std)
         return self.augment(images, positions, self.epoch, self.seed)
@@ -144,6 +147,8 @@ def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, I
     size = tuple(cfg.working_size) if cfg.working_size else None
 
     def pixels(split: Split, frame: str):
+        if frame == "train" and cfg.decode == "gpu":
+            return EncodedImages(split, pre, size)
         return open_store(split, pre, cfg.cache, frame, size if frame == "train" else None, cfg.cache_dir)
     out = {"train": Images(pixels(splits.train, "train"), pre, BatchAugment.from_preprocess(cfg.augment, pre), seed),
            "val": Images(pixels(splits.val, "eval"), pre)}

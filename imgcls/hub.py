@@ -54,6 +54,10 @@ class HubRows:
     def check(self, i: int) -> None:
         check_image(self._source(i))
 
+    def raw(self, i: int) -> bytes:
+        source = self._source(i)
+        return source if isinstance(source, bytes) else Path(source).read_bytes()
+
 
 # ---------------------------------------------------------------- errors by type
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -110,6 +110,7 @@ class DataConfig(Section):
     workers: int = Field(0, ge=0)
     shuffle: bool = True
     cache: Literal["none", "memory", "disk"] = "none"
+    decode: Literal["cpu", "gpu"] = "cpu"  # "gpu": train JPEGs decoded by nvJPEG on the device (gpu_decode.py)
     cache_dir: str = ""  # data.cache = "disk": "" -> $IMGCLS_CACHE, else ~/.cache/imgcls
     # [height, width] of the stored train images, which augmentation crops from; [] = image_size (divided by
     # crop_pct when < 1). A random-resized-crop recipe may store larger images to zoom into.
@@ -140,6 +141,9 @@ class DataConfig(Section):
             problems.append(f"source = {self.source!r} needs root = '<folder>'")
         if self.source == "listfile" and not self.train_list:
             problems.append("source = 'listfile' needs train_list = '<file>'")
+        if self.decode == "gpu" and self.cache != "none":
+            problems.append(f"decode = 'gpu' decodes the files of each batch on the device: it needs cache = 'none' "
+                            f"(a {self.cache!r} store already holds decoded pixels)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

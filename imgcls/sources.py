@@ -55,6 +55,9 @@ class FileImages:
     def check(self, i: int) -> None:
         check_image(self.paths[i])
 
+    def raw(self, i: int) -> bytes:
+        return Path(self.paths[i]).read_bytes()
+
 
 # ---------------------------------------------------------------- image folder
 def empty_folder_message(path: str) -> str:

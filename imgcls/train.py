@@ -27,6 +27,7 @@ from .calibration import calibrate_artifact
 from .data import make_datasets, make_loader
 from .distributed import apply_cpu_threads, create_accelerator
 from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
+from .gpu_decode import check_gpu_decode
 from .metrics import evaluate, per_class_accuracy, scalars
 from .plan import Plan, make_plan
 from .preflight import PreflightError
@@ -309,6 +310,7 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
     setup_logging(accelerator)
     if note := apply_cpu_threads(accelerator.device, recipe.train.cpu_threads):
         log.info(note)
+    check_gpu_decode(recipe.data, accelerator.device)
     set_seed(recipe.seed)
     plan = make_plan(recipe, accelerator.num_processes)
     if dry_run:
