@@ -82,16 +82,26 @@ def first_appearances(entries: dict[str, list[Entry]], names: list[str], labels_
     return seen
 
 
-def _suspects(names: list[str], splits: dict[str, Split], first_seen: dict[str, str]) -> list[str]:
+def rare_classes(names: list[str], splits: dict[str, Split]) -> dict[str, dict[str, int]]:
+    """Class -> its images per split, for each class that `check_classes` refuses: fewer than
+    MIN_IMAGES_PER_CLASS images in all or, when there are several splits, images in one split only."""
     counts = {name: Counter(split.label(k) for k in range(len(split))) for name, split in splits.items()}
-    lines = []
+    rare = {}
     for c, name in enumerate(names):
-        per_split = [counts[s][c] for s in splits]
-        one_split = len(splits) > 1 and sum(1 for n in per_split if n) < 2
-        if sum(per_split) < MIN_IMAGES_PER_CLASS or one_split:
-            where = f"first: {first_seen[name]}" if name in first_seen else "no image has this label"
-            lines.append(f"  {name!r}: {', '.join(f'{s} {n}' for s, n in zip(splits, per_split))} ({where})")
-    return lines
+        per_split = {s: counts[s][c] for s in splits}
+        one_split = len(splits) > 1 and sum(1 for n in per_split.values() if n) < 2
+        if sum(per_split.values()) < MIN_IMAGES_PER_CLASS or one_split:
+            rare[name] = per_split
+    return rare
+
+
+def rare_class_line(name: str, per_split: dict[str, int], first_seen: dict[str, str]) -> str:
+    where = f"first: {first_seen[name]}" if name in first_seen else "no image has this label"
+    return f"  {name!r}: {', '.join(f'{s} {n}' for s, n in per_split.items())} ({where})"
+
+
+def _suspects(names: list[str], splits: dict[str, Split], first_seen: dict[str, str]) -> list[str]:
+    return [rare_class_line(name, per_split, first_seen) for name, per_split in rare_classes(names, splits).items()]
 
 
 def check_classes(names: list[str], splits: dict[str, Split], first_seen: dict[str, str], allow: bool) -> None:

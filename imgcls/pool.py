@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -33,9 +34,9 @@ def _start_child(shared: Any) -> None:
     global _SHARED
     _SHARED = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")  # a tool that never imported torch does not pay ~2 s for it per child
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _in_child(work: Callable, chunk: Any) -> Any:
