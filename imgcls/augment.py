@@ -1,7 +1,7 @@
 """Train-time augmentation of whole uint8 batches on the batch's device, with per-sample random parameters.
 
     aug = BatchAugment.from_preprocess(recipe.data.augment, Preprocess.from_data(recipe.data))
-    x = aug(images_uint8, index, epoch=epoch, seed=recipe.seed)   # float32 [B, C, h, w], normalized
+    x = aug(images_uint8, index, epoch=epoch, seed=recipe.seed)   # float32 [B, C, h, w], normalized (and erased)
     x = normalize(images_uint8, pre.mean, pre.std)                 # evaluation: no augmentation
 
 The random numbers of a sample come from `counter_uniform`, a hash of (seed, epoch, sample index, op), so a
@@ -15,7 +15,10 @@ differences: images stay float32 in [0, 1] between ops (torchvision rounds to ui
 are torch's antialiased kernels, not PIL's; colour jitter applies brightness, contrast, saturation in this
 fixed order (torchvision permutes them per image); the random numbers are ours. Reductions are written as
 fixed-order sums, because torch's own (e.g. `mean`) sum in an order that depends on the batch size once an
-image has more than ~32k values.
+image has more than ~32k values. The auto-augment policies (RandAugment, TrivialAugmentWide, AutoAugment
+ImageNet) come after the flip, before colour jitter; their ops and differences are in `autoaugment`. Random
+erasing comes last, on the normalized batch, as torchvision's RandomErasing(p, value=0): its box is drawn as
+torchvision draws it (10 tries of scale (0.02, 0.33), log-ratio (0.3, 3.3); none fits -> not erased).
 """
 from __future__ import annotations
 
@@ -26,13 +29,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from .autoaugment import apply_ops, blend, geometric_mode, per_sample_mean, policy_plan, policy_uniforms
 from .recipe import AugmentConfig
 from .transforms import Preprocess
 
 # Op ids are part of the reproducibility contract: changing one changes that op's numbers in every run.
 OP_RESIZED_CROP, OP_PAD_CROP, OP_ROTATION, OP_HFLIP, OP_COLOR_JITTER = 1, 2, 3, 4, 5
+OP_POLICY = {"randaugment": 6, "trivialaugment": 7, "autoaugment": 8}
+OP_RANDOM_ERASING = 9
 RRC_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a centre crop
 RRC_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range (the recipe has no key for it)
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)  # torchvision RandomErasing's defaults
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 _M32, _GOLDEN, _INIT = 0xFFFF_FFFF, 0x9E37_79B9, 0x243F_6A88
@@ -90,6 +97,9 @@ class AugmentParams:
     angle: torch.Tensor | None = None  # float64 [B]: degrees, counter-clockwise
     flip: torch.Tensor | None = None  # bool [B]
     jitter: torch.Tensor | None = None  # float64 [B, 3]: brightness, contrast, saturation factors
+    policy_ops: torch.Tensor | None = None  # int64 [B, S]: the auto-augment op (autoaugment.OPS) per sample and step
+    policy_magnitude: torch.Tensor | None = None  # float64 [B, S]: its signed magnitude
+    erase: torch.Tensor | None = None  # int64 [B, 4]: top, left, height, width of the erased box (0 x 0: none)
 
 
 def rrc_boxes(u: torch.Tensor, in_size: tuple[int, int], scale: tuple[float, float]) -> torch.Tensor:
@@ -230,29 +240,42 @@ def hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean [B, 1, 1, 1] as a pairwise sum in a fixed order (torch.mean's order depends on B)."""
-    flat = x.reshape(x.shape[0], -1)
-    n = flat.shape[1]
-    flat = F.pad(flat, (0, (1 << (n - 1).bit_length()) - n))
-    while flat.shape[1] > 1:
-        half = flat.shape[1] // 2
-        flat = flat[:, :half] + flat[:, half:]
-    return (flat / n).view(-1, 1, 1, 1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.float() + other * (1.0 - factor).float()).clamp(0.0, 1.0)
-
-
 def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Per-sample adjust_brightness, adjust_contrast, adjust_saturation (3 channels only) as torchvision's
     functionals do on float images; factors [B, 3] (1 = unchanged)."""
     f = factors.view(-1, 3, 1, 1, 1).unbind(1)
     x = (x * f[0].float()).clamp(0.0, 1.0)
     rgb = x.shape[1] == 3
-    x = _blend(x, _mean(TF.rgb_to_grayscale(x) if rgb else x), f[1])
-    return _blend(x, TF.rgb_to_grayscale(x), f[2]) if rgb else x
+    x = blend(x, per_sample_mean(TF.rgb_to_grayscale(x) if rgb else x), f[1])
+    return blend(x, TF.rgb_to_grayscale(x), f[2]) if rgb else x
+
+
+def erase_boxes(u: torch.Tensor, size: tuple[int, int], p: float) -> torch.Tensor:
+    """torchvision's RandomErasing box logic, vectorised: erased when u[:, 0] < p, the first of 10 tries
+    with h < H and w < W. u: [B, 23] uniforms (apply, 10 areas, 10 log-ratios, top, left) -> int64 [B, 4]."""
+    height, width = size
+    u = u.double()
+    area = height * width * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * u[:, 1:11])
+    log_lo, log_hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 11:21])
+    h = torch.round(torch.sqrt(area * ratio))  # torchvision: h from area * ratio (RandomResizedCrop: w)
+    w = torch.round(torch.sqrt(area / ratio))
+    fits = (h < height) & (w < width)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    erased = fits.any(dim=1) & (u[:, 0] < p)
+    h = torch.where(erased, h.gather(1, first)[:, 0], 0.0)
+    w = torch.where(erased, w.gather(1, first)[:, 0], 0.0)
+    top = torch.where(erased, torch.floor(u[:, 21] * (height - h + 1)), 0.0)
+    left = torch.where(erased, torch.floor(u[:, 22] * (width - w + 1)), 0.0)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def erase(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Per-sample `v2.functional.erase(x[b], *box[b], v=0)`: zero inside the box (all channels)."""
+    rows = torch.arange(x.shape[-2], device=x.device)[None, :] - box[:, :1]
+    cols = torch.arange(x.shape[-1], device=x.device)[None, :] - box[:, 1:2]
+    inside = ((rows >= 0) & (rows < box[:, 2:3]))[:, :, None] & ((cols >= 0) & (cols < box[:, 3:4]))[:, None, :]
+    return x.masked_fill(inside[:, None], 0.0)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -268,7 +291,7 @@ class BatchAugment:
     """`Preprocess.train_transform` for whole uint8 batches, ops in its order: either a random resized crop of
     the input, or the eval framing (resize to image_size / crop_pct unless the input already has that size,
     then a random crop of the zero-padded frame with crop_padding, else the centre crop); then rotation,
-    horizontal flip, colour jitter, normalize.
+    horizontal flip, the auto-augment policy, colour jitter, normalize, random erasing.
 
     Ops that are off do no work and draw nothing. Store images at the frame size so that framing is no work;
     the resized crop cuts its window from the input as given (so from the stored image, not the file)."""
@@ -309,12 +332,28 @@ class BatchAugment:
         if aug.color_jitter:
             low, high = max(0.0, 1.0 - aug.color_jitter), 1.0 + aug.color_jitter
             out["jitter"] = low + (high - low) * draw(OP_COLOR_JITTER, 3)
+        policy = aug.auto_augment
+        if policy and not (policy == "randaugment" and aug.randaugment_ops == 0):
+            u = draw(OP_POLICY[policy], policy_uniforms(policy, aug.randaugment_ops))
+            out["policy_ops"], out["policy_magnitude"] = policy_plan(policy, u, self.size, aug.randaugment_ops,
+                                                                     aug.randaugment_magnitude)
+        if aug.random_erasing:
+            out["erase"] = erase_boxes(draw(OP_RANDOM_ERASING, 23), self.size, aug.random_erasing)
         return AugmentParams(**out)
 
     def augment(self, images: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float32 [B, C, h, w] in [0, 1], augmented, not yet normalized."""
+        """uint8 [B, C, H, W] -> float32 [B, C, h, w] in [0, 1], augmented, not yet normalized (nor erased)."""
+        self._check(images, index)
+        return self._augment(images, self.params(index, epoch, seed, tuple(images.shape[-2:])))
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float32 [B, C, h, w]: augmented, normalized and erased, ready for the model."""
         self._check(images, index)
         p = self.params(index, epoch, seed, tuple(images.shape[-2:]))
+        x = TF.normalize(self._augment(images, p), self.mean, self.std)
+        return x if p.erase is None else erase(x, p.erase)
+
+    def _augment(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         x = TF.to_dtype(images, torch.float32, scale=True)
         if p.box is not None:
             x = resized_crop(x, p.box, self.size, self.interpolation)
@@ -329,13 +368,11 @@ class BatchAugment:
             x = rotate(x, p.angle, self.interpolation)
         if p.flip is not None:
             x = hflip(x, p.flip)
+        if p.policy_ops is not None:
+            x = apply_ops(x, p.policy_ops, p.policy_magnitude, geometric_mode(self.interpolation))
         if p.jitter is not None:
             x = color_jitter(x, p.jitter)
         return x
-
-    def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float32 [B, C, h, w]: augmented and normalized, ready for the model."""
-        return TF.normalize(self.augment(images, index, epoch, seed), self.mean, self.std)
 
     def _check(self, images: torch.Tensor, index: torch.Tensor) -> None:
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):

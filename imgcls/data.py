@@ -24,6 +24,8 @@ from .images import BAD_IMAGE_ERRORS
 from .labels import check_classes
 from .recipe import DataConfig
 from .scan import check_images
+from .shard_order import ShardOrderSampler
+from .shards import shard_counts
 from .sources import SOURCES, TEST_NAMES, VAL_NAMES, DataError, Split
 from .store import keep_batch, open_store
 from .transforms import Preprocess
@@ -87,8 +89,11 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     test = _pick(splits, cfg.test_split, TEST_NAMES, "test_split")
     if val is None:
         train, val = carve_val(train, cfg)
-    checked = check_images({"train": train, "val": val, **({"test": test} if test else {})}, found.empty_folders,
-                           cfg.on_bad_image, cfg.cache_dir)
+    named = {"train": train, "val": val, **({"test": test} if test else {})}
+    # shards hold images `imgcls-data shard` checked when it wrote them, each shard verified by its sha256 when
+    # read: decoding them all again here would download every remote shard before the first step
+    checked = named if cfg.source == "shards" else check_images(named, found.empty_folders, cfg.on_bad_image,
+                                                                 cfg.cache_dir)
     return DataSplits(checked["train"], checked["val"], checked.get("test"), found.class_names)
 
 
@@ -157,11 +162,26 @@ def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, I
     return out
 
 
-def make_loader(ds: Images, batch_size: int, cfg: DataConfig, train: bool, seed: int) -> DataLoader:
+def train_sampler(split: Split, cfg: DataConfig, seed: int, world_size: int, per_device_batch: int,
+                  micro_batches_per_epoch: int) -> ShardOrderSampler | None:
+    """data.source = "shards": the order in which each process reads its own run of shards (shard_order.py);
+    other sources: None, the loader's own shuffle."""
+    if cfg.source != "shards":
+        return None
+    return ShardOrderSampler(shard_counts(split), world_size, per_device_batch, micro_batches_per_epoch, seed,
+                             cfg.shuffle)
+
+
+def make_loader(ds: Images, batch_size: int, cfg: DataConfig, train: bool, seed: int,
+                sampler: ShardOrderSampler | None = None) -> DataLoader:
     """Whole batches of uint8 (a quarter of float32's bytes) cross the worker and host-to-device boundaries."""
     workers = cfg.workers
+    shuffle = train and cfg.shuffle and sampler is None
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=train and cfg.shuffle, drop_last=train, num_workers=workers,
-        generator=torch.Generator().manual_seed(seed) if train else None, collate_fn=keep_batch,
+        ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=train, num_workers=workers,
+        # every loader has its own generator, also where nothing is shuffled: a DataLoader without one draws its
+        # workers' base seed from the global RNG each time it starts an iterator (persistent workers: only the
+        # first time), so a resumed run, whose val loader starts anew mid-run, shifted dropout's numbers
+        generator=torch.Generator().manual_seed(seed), collate_fn=keep_batch,
         persistent_workers=workers > 0 and cfg.cache == "none", pin_memory=torch.cuda.is_available(),
     )

@@ -10,6 +10,8 @@ A disk cache is keyed by a sha256 of everything its content depends on, so a sta
   the split's order, plus the split's labels. An edited, added, removed or reordered file gives a new key.
 - a `datasets.Dataset` (`reader.ds`, hub.HubRows): its `_fingerprint` (which `datasets` derives from the data
   files and every transform), the split name, the image column, the indices and the labels.
+- shards (`reader.manifest_sha256`, shards.ShardImages): the sha256 of the shard folder's manifest.json (which
+  holds every shard's sha256), the split name, the indices and the labels; not where the folder is.
 Anything else is a TypeError naming the reader type: its images cannot be told apart from changed ones.
 
 Like every mtime-keyed cache (git's index, make), a file rewritten with the same size within one tick of the
@@ -72,6 +74,11 @@ def source_fingerprint(split: Split) -> dict:
         return {"kind": "datasets", "dataset": str(getattr(reader, "dataset", "")),
                 "split": str(getattr(reader, "name", split.name)),
                 "image_column": str(getattr(reader, "image_col", "")), "datasets_fingerprint": ds_fingerprint,
+                "items": len(split), "indices_sha256": _sha([np.asarray(split.indices, dtype="<i8").tobytes()]),
+                "labels_sha256": _labels_sha(split)}
+    manifest_sha = getattr(reader, "manifest_sha256", None)
+    if isinstance(manifest_sha, str):
+        return {"kind": "shards", "manifest_sha256": manifest_sha, "split": str(getattr(reader, "split", split.name)),
                 "items": len(split), "indices_sha256": _sha([np.asarray(split.indices, dtype="<i8").tobytes()]),
                 "labels_sha256": _labels_sha(split)}
     raise TypeError(f"split {split.name!r}: cannot fingerprint the images of a {type(reader).__qualname__} "

@@ -1,17 +1,19 @@
 """The model registry (`[model]` in a recipe): build by name; initial weights and freezing are in `weights.py`.
 
 Names: `small_cnn` (ours, for MNIST-size input), `gem_resnet` (the original tool's GeM-pooling ResNet,
-see `imgcls.gem`) and every torchvision classification model (`resnet18`, `vit_b_16`, ...), always built
-without downloaded weights; `[model] weights` brings weights from a file instead. The first convolution
-is adapted to the input's channel count, and each model's classifier is found by `classifier_prefix`,
-so "backbone" means everything else. List the names from the shell with `imgcls-models [PART]`
-(or `python -m imgcls.models [PART]`).
+see `imgcls.gem`), every torchvision classification model (`resnet18`, `vit_b_16`, ...) and every timm model as
+`timm:<name>` (`timm:convnext_tiny`, `timm:resnet18.a1_in1k`; see `imgcls.timm_models`). Built freshly
+initialised, or with `[model] pretrained` weights (see `imgcls.pretrained`); `[model] weights` brings weights
+from a file instead. The first convolution is adapted to the input's channel count, and each model's classifier
+is found by `classifier_prefix`, so "backbone" means everything else. List the names from the shell with
+`imgcls-models [PART]` and `imgcls-models --timm 'convnext*' [--pretrained]` (or `python -m imgcls.models`).
 
     model = build_model(cfg.model, num_classes=10, in_channels=1, image_size=(28, 28))
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import inspect
@@ -29,7 +31,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from imgcls import timm_models
 from imgcls.gem import GeMResNet
+from imgcls.pretrained import check_pretrained, fetching, timm_source, torchvision_state_dict
 from imgcls.recipe import ModelConfig, RecipeError
 
 _log = get_logger(__name__)
@@ -133,7 +137,7 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size
 
 
 def available_models() -> list[str]:
-    """Every name `build_model` accepts."""
+    """Every name `build_model` accepts, but timm's (`timm:<name>`: `timm_models.list_names`)."""
     return sorted([*_OWN, *_torchvision_names()])
 
 
@@ -142,6 +146,9 @@ def _builder(name: str) -> Callable[..., nn.Module]:
         return _OWN[name]
     if name in _torchvision_names():
         return functools.partial(_torchvision_model, name)
+    if timm_models.is_timm(name):
+        timm_models.check_name(name)
+        return functools.partial(timm_models.build, name)
     raise RecipeError(unknown_model_message(name))
 
 
@@ -158,9 +165,12 @@ def unknown_model_message(name: str) -> str:
     return f"model.name: unknown model {name!r}{hint} List the model names with `imgcls-models`{example}."
 
 
-def accepted_args(name: str) -> list[str]:
-    """The `[model] args` keys a model accepts (runtime values such as num_classes are not among them)."""
+def accepted_args(name: str) -> list[str] | None:
+    """The `[model] args` keys a model accepts (runtime values such as num_classes are not among them); None for
+    the timm models that do not tell (see `timm_models.accepted_args`)."""
     _builder(name)
+    if timm_models.is_timm(name):
+        return timm_models.accepted_args(name)
     if name in _OWN:
         params = inspect.signature(_OWN[name]).parameters.values()
         return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
@@ -170,19 +180,35 @@ def accepted_args(name: str) -> list[str]:
 
 
 def check_model_args(cfg: ModelConfig) -> None:
-    """Raise RecipeError unless `cfg.name` exists and the model can be built with `cfg.args` (no weights allocated)."""
-    with init_empty_weights():
-        _call(_check_arg_names(cfg), cfg, "", num_classes=2, in_channels=3, image_size=(224, 224))
+    """Raise RecipeError unless `cfg.name` exists, the model can be built with `cfg.args` (no weights allocated;
+    timm models: their argument names are checked, the build itself reports the rest) and it has the weights
+    `cfg.pretrained` asks for (nothing is downloaded)."""
+    builder = _check_arg_names(cfg)
+    runtime = {"num_classes": 2, "in_channels": 3, "image_size": (224, 224)}
+    if not timm_models.is_timm(cfg.name):
+        with init_empty_weights():
+            _call(builder, cfg, "", **runtime)
+    else:
+        try:
+            with init_empty_weights():
+                builder(**runtime, **cfg.args)
+        except TypeError as e:
+            raise _argument_error(cfg, e) or RecipeError(f"model: cannot build {cfg.name} with args {dict(cfg.args)}: "
+                                                         f"{e}") from None
+        except Exception:  # a few timm families cannot be built on the meta device; the real build reports the rest
+            pass
+    check_pretrained(cfg)
 
 
 def _check_arg_names(cfg: ModelConfig) -> Callable[..., nn.Module]:
     builder = _builder(cfg.name)
     accepted = accepted_args(cfg.name)
+    runtime = timm_models.RUNTIME_ARGS if timm_models.is_timm(cfg.name) else _RUNTIME_ARGS
     problems = []
     for key in cfg.args:
-        if key in _RUNTIME_ARGS:
+        if key in runtime:
             problems.append(f"model.args.{key}: set from the data and the recipe, not from [model] args")
-        elif key not in accepted:
+        elif accepted is not None and key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(f"model.args.{key}: unexpected argument {key!r} for {cfg.name}; "
@@ -199,18 +225,40 @@ def _call(builder: Callable[..., nn.Module], cfg: ModelConfig, context: str, **r
     except RecipeError:
         raise
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        fixed = re.search(r"multiple values for keyword argument '(\w+)'", str(e))
-        if fixed:
-            raise RecipeError(f"model.args.{fixed[1]}: fixed by torchvision's {cfg.name} itself; "
-                              "it cannot be set in [model] args") from None
-        raise RecipeError(f"model: cannot build {cfg.name} with args {dict(cfg.args)}{context}: {e}") from None
+        raise _argument_error(cfg, e) or RecipeError(f"model: cannot build {cfg.name} with args {dict(cfg.args)}"
+                                                     f"{context}: {e}") from None
+
+
+def _argument_error(cfg: ModelConfig, e: Exception) -> RecipeError | None:
+    """The [model] args key behind a builder's TypeError, when the message names one."""
+    fixed = re.search(r"multiple values for keyword argument '(\w+)'", str(e))
+    if fixed:
+        owner = f"timm's {timm_models.timm_name(cfg.name)}" if timm_models.is_timm(cfg.name) \
+            else f"torchvision's {cfg.name}"
+        return RecipeError(f"model.args.{fixed[1]}: fixed by {owner} itself; it cannot be set in [model] args")
+    unexpected = re.search(r"unexpected keyword argument(?:\(s\): \[)? ?'(\w+)'", str(e))
+    if unexpected:  # timm models whose class passes **kwargs on to a config of its own
+        return RecipeError(f"model.args.{unexpected[1]}: unexpected argument {unexpected[1]!r} for {cfg.name} ({e})")
+    return None
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> nn.Module:
-    """A freshly initialised model from `[model] name/args` for the data's classes, channels and image size."""
+    """The model of `[model] name/args` for the data's classes, channels and image size: freshly initialised, or
+    with `[model] pretrained` weights (a new classifier for num_classes, the first conv adapted to in_channels)."""
     context = f" for {in_channels}-channel {image_size[0]}x{image_size[1]} images"
-    model = _call(_check_arg_names(cfg), cfg, context, num_classes=num_classes, in_channels=in_channels,
-                  image_size=tuple(image_size))
+    builder = _check_arg_names(cfg)
+    check_pretrained(cfg)
+    runtime = {"num_classes": num_classes, "in_channels": in_channels, "image_size": tuple(image_size)}
+    timm_weights = timm_source(cfg) if cfg.pretrained and timm_models.is_timm(cfg.name) else None
+    with fetching(timm_weights) if timm_weights else contextlib.nullcontext():  # timm loads them while it builds
+        model = _call(builder, cfg, context, **runtime, **({"pretrained": True} if timm_weights else {}))
+    if timm_weights:
+        _info("model weights loaded from %s (finetune)", timm_weights.what)
+    elif cfg.pretrained:
+        from .weights import load_state  # weights.py builds on this module
+
+        state, what = torchvision_state_dict(cfg)
+        load_state(model, state, "finetune", in_channels, what, key="model.pretrained")
     _info("model %s: %s parameters, head %r, %d input channel(s)", cfg.name, f"{count_parameters(model)[1]:,}",
           classifier_prefix(model, num_classes), in_channels)
     return model
@@ -278,14 +326,27 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`imgcls-models [PART]`: every name `model.name` accepts, one per line; with PART, those containing it."""
+    """`imgcls-models [PART]`: every name `model.name` accepts, one per line; with PART, those containing it.
+    `imgcls-models --timm [PATTERN] [--pretrained]`: timm's, as `timm:<name>` (with --pretrained: `<name>.<tag>`)."""
     p = argparse.ArgumentParser(prog="imgcls-models", description="List the names `model.name` accepts.")
     p.add_argument("part", nargs="?", default="", help="show only names containing this (case-insensitive)")
+    p.add_argument("--timm", nargs="?", const="*", metavar="PATTERN",
+                   help="list timm's models instead, those matching the wildcard PATTERN (e.g. 'convnext*')")
+    p.add_argument("--pretrained", action="store_true", help="with --timm: the names with pretrained weights")
     args = p.parse_args(argv)
-    names = [n for n in available_models() if args.part.lower() in n]
+    if args.pretrained and args.timm is None:
+        p.error("--pretrained goes with --timm")
+    if args.timm is not None:
+        if args.part:
+            p.error(f"PART filters imgcls' own and torchvision's names; for timm's, use --timm '*{args.part}*'")
+        names = timm_models.list_names(args.timm, args.pretrained)
+        missing = (f"no timm model{' with pretrained weights' if args.pretrained else ''} matches {args.timm!r}; "
+                   "`imgcls-models --timm` lists them all")
+    else:
+        names = [n for n in available_models() if args.part.lower() in n]
+        missing = f"no model name contains {args.part!r}; `imgcls-models` lists all {len(available_models())} names"
     if not names:
-        print(f"no model name contains {args.part!r}; `imgcls-models` lists all {len(available_models())} names",
-              file=sys.stderr)
+        print(missing, file=sys.stderr)
         return 1
     try:
         print("\n".join(names), flush=True)

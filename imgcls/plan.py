@@ -9,6 +9,7 @@ import torch
 from .data import DataSplits, build_splits
 from .distributed import per_device_batch
 from .models import build_model, check_model_args, count_parameters
+from .pretrained import resolve_preprocess
 from .weights import apply_freeze, load_weights
 from .recipe import Recipe, RecipeError
 
@@ -23,6 +24,7 @@ class Plan:
     per_device_batch: int
     steps_per_epoch: int
     total_steps: int
+    recipe: Recipe  # as run: [data] preprocessing from the pretrained weights where the recipe left it unset
 
     @property
     def num_classes(self) -> int:
@@ -40,6 +42,7 @@ class Plan:
 def make_plan(recipe: Recipe, world_size: int) -> Plan:
     per_dev = per_device_batch(recipe.train.global_batch_size, world_size, recipe.train.grad_accum_steps)
     check_model_args(recipe.model)
+    recipe = resolve_preprocess(recipe)
     splits = build_splits(recipe.data)
     model = build_model(recipe.model, len(splits.class_names), recipe.data.channels, recipe.data.image_size)
     if recipe.model.weights:
@@ -52,4 +55,4 @@ def make_plan(recipe: Recipe, world_size: int) -> Plan:
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
-    return Plan(splits, model, frozen, per_dev, steps_per_epoch, total)
+    return Plan(splits, model, frozen, per_dev, steps_per_epoch, total, recipe)

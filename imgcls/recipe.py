@@ -59,6 +59,11 @@ class AugmentConfig(Section):
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     rotation: float = Field(0.0, ge=0.0, le=180.0)
     color_jitter: float = Field(0.0, ge=0.0)
+    # torchvision's RandAugment / TrivialAugmentWide / AutoAugment (ImageNet policy), after the flip
+    auto_augment: Literal["", "randaugment", "trivialaugment", "autoaugment"] = ""
+    randaugment_ops: int = Field(2, ge=0)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)  # bin of 31 (num_magnitude_bins)
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)  # probability; on the normalized image, value 0
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
 
@@ -66,13 +71,15 @@ class AugmentConfig(Section):
 HUB_KEYS = {"dataset", "config", "revision"}
 FOLDER_KEYS = {"root"}
 LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names", "labels_are_indices"}
-FOREIGN_KEYS = {"hub": FOLDER_KEYS | LIST_KEYS, "folder": HUB_KEYS | LIST_KEYS, "listfile": HUB_KEYS}
+SHARD_KEYS = {"shard_cache_dir", "shard_cache_gb"}
+FOREIGN_KEYS = {"hub": FOLDER_KEYS | LIST_KEYS | SHARD_KEYS, "folder": HUB_KEYS | LIST_KEYS | SHARD_KEYS,
+                "listfile": HUB_KEYS | SHARD_KEYS, "shards": HUB_KEYS | LIST_KEYS}
 
 
 class DataConfig(Section):
     """`[data]`: where images come from, how splits are formed, and the preprocessing the model owns."""
 
-    source: Literal["hub", "folder", "listfile"] = "hub"
+    source: Literal["hub", "folder", "listfile", "shards"] = "hub"
     # hub (a hub name, or a local folder in hub layout: the same `datasets.load_dataset` path)
     dataset: str = ""
     config: str = ""
@@ -88,6 +95,10 @@ class DataConfig(Section):
     separator: str = " "
     class_names: list[str] = []
     labels_are_indices: bool = False  # list-file labels are 0-based indices into class_names, not names
+    # shards (`imgcls-data shard`): root is their folder, an http(s):// URL or hf://datasets/<owner>/<repo>/<path>;
+    # remote shards are kept in shard_cache_dir ("" -> <cache root>/shards/<hash of root>), at most shard_cache_gb
+    shard_cache_dir: str = ""
+    shard_cache_gb: float = Field(20.0, gt=0)
     allow_rare_classes: bool = False  # folder/list file: accept classes with few images or in one split only
     # split model: train / val / test
     train_split: str = "train"
@@ -137,7 +148,7 @@ class DataConfig(Section):
             problems.append(f"{sorted(foreign)} do not apply to source = {self.source!r}")
         if self.source == "hub" and not self.dataset:
             problems.append("source = 'hub' needs dataset = '<hub name or local folder>'")
-        if self.source in ("folder", "listfile") and not self.root:
+        if self.source in ("folder", "listfile", "shards") and not self.root:
             problems.append(f"source = {self.source!r} needs root = '<folder>'")
         if self.source == "listfile" and not self.train_list:
             problems.append("source = 'listfile' needs train_list = '<file>'")
@@ -156,11 +167,23 @@ class ModelConfig(Section):
     args: dict[str, Any] = {}
     train_mode: Literal["fromscratch", "finetune", "update"] = "fromscratch"
     weights: str = ""
+    # true: the model's default pretrained weights (torchvision DEFAULT, timm's tag); a torchvision weights name
+    pretrained: Union[bool, str] = False
     freeze: Union[Literal["none", "backbone"], list[str]] = "none"
     sync_batchnorm: bool = False
 
     @model_validator(mode="after")
     def _weights_for_mode(self) -> "ModelConfig":
+        if self.pretrained is not False:
+            if self.pretrained == "":
+                raise ValueError("pretrained = '' names no weights; use false, true or a weights name such as "
+                                 "'IMAGENET1K_V2'")
+            if self.weights:
+                raise ValueError("pretrained and weights are both set; the initial weights come from one of them")
+            if self.train_mode != "finetune":
+                raise ValueError(f"pretrained weights load with train_mode = 'finetune' (the classifier is replaced "
+                                 f"for the data's classes), not {self.train_mode!r}")
+            return self
         if self.train_mode != "fromscratch" and not self.weights:
             raise ValueError(f"train_mode = {self.train_mode!r} needs weights = '<file or artifact dir>'")
         if self.train_mode == "fromscratch" and self.weights:

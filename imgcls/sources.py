@@ -165,7 +165,14 @@ def index_hub(cfg: DataConfig) -> Indexed:
     return Indexed(splits, names)
 
 
-SOURCES = {"hub": index_hub, "folder": index_folder, "listfile": index_listfile}
+def index_shards(cfg: DataConfig) -> Indexed:
+    from .shards import load_shards
+
+    splits, names = load_shards(cfg)
+    return Indexed(splits, names)
+
+
+SOURCES = {"hub": index_hub, "folder": index_folder, "listfile": index_listfile, "shards": index_shards}
 
 
 def _without_empty_folders(index):

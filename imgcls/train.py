@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .calibration import calibrate_artifact
-from .data import make_datasets, make_loader
+from .data import make_datasets, make_loader, train_sampler
 from .distributed import apply_cpu_threads, create_accelerator
 from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
 from .gpu_decode import check_gpu_decode
@@ -34,6 +34,7 @@ from .preflight import PreflightError
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, RecipeError, recipe_to_toml
 from .runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
+from .shard_cache import ShardError
 from .signals import StopSignal, resume_command
 from .sources import DataError
 from .tracking import RunLog
@@ -61,7 +62,9 @@ class Trainer:
         r, acc, plan = self.recipe, self.accelerator, self.plan
         datasets = make_datasets(plan.splits, r.data, r.seed)
         self.train_images = datasets["train"]  # augments on the device: per-sample parameters of (seed, epoch, k)
-        train_loader = make_loader(datasets["train"], plan.per_device_batch, r.data, True, r.seed)
+        self.sampler = train_sampler(plan.splits.train, r.data, r.seed, acc.num_processes, plan.per_device_batch,
+                                     self.micro_per_epoch)
+        train_loader = make_loader(datasets["train"], plan.per_device_batch, r.data, True, r.seed, self.sampler)
         eval_loaders = {k: make_loader(ds, r.train.eval_batch_size, r.data, False, r.seed)
                         for k, ds in datasets.items() if k != "train"}
         model = plan.model
@@ -152,6 +155,10 @@ class Trainer:
         s, loader = self.state, self.train_loader
         loader.set_epoch(s.epoch)
         self.train_images.set_augment_epoch(s.epoch)  # the augmentation's epoch
+        if self.sampler is not None:  # data.source = "shards": which process reads which shards, in order
+            lanes = [" ".join(map(str, self.sampler.lane_shards(p, s.epoch))) for p in range(self.sampler.world_size)]
+            log.info("epoch %d: %d train shards; %s", s.epoch, len(self.sampler.counts),
+                     "; ".join(f"process {p} reads {lane}" for p, lane in enumerate(lanes)))
         if s.batch_in_epoch:
             loader = self.accelerator.skip_first_batches(loader, s.batch_in_epoch)
             loader.set_epoch(s.epoch)  # accelerate < 1.15 builds the skipping loader at epoch 0
@@ -313,6 +320,7 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
     check_gpu_decode(recipe.data, accelerator.device)
     set_seed(recipe.seed)
     plan = make_plan(recipe, accelerator.num_processes)
+    recipe = plan.recipe  # with the pretrained weights' own preprocessing where the recipe left it unset
     if dry_run:
         if accelerator.is_main_process:
             print(recipe_to_toml(recipe))
@@ -358,7 +366,7 @@ def main(argv=None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except PreflightError as e:  # the environment, not the recipe
+    except (PreflightError, ShardError) as e:  # the environment, not the recipe
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's own handler is installed: nothing was trained or saved

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+from .autoaugment import geometric_mode
 from .recipe import AugmentConfig, DataConfig
 
 _MODES = {"L": 1, "RGB": 3}
@@ -94,10 +95,18 @@ class Preprocess:
             ops.append(v2.RandomRotation(aug.rotation, interpolation=self.interp))
         if aug.hflip:
             ops.append(v2.RandomHorizontalFlip(aug.hflip))
+        mode = InterpolationMode(geometric_mode(self.interpolation))  # tensor affine: nearest or bilinear only
+        if aug.auto_augment == "randaugment":
+            ops.append(v2.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude, interpolation=mode))
+        elif aug.auto_augment == "trivialaugment":
+            ops.append(v2.TrivialAugmentWide(interpolation=mode))
+        elif aug.auto_augment == "autoaugment":
+            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode))
         if aug.color_jitter:
             j = aug.color_jitter
             ops.append(v2.ColorJitter(j, j, j if self.channels == 3 else 0))
-        return v2.Compose([*ops, *self._tail()[1:]])
+        erasing = [v2.RandomErasing(aug.random_erasing)] if aug.random_erasing else []
+        return v2.Compose([*ops, *self._tail()[1:], *erasing])
 
 
 def batch_mix(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:

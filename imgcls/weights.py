@@ -4,14 +4,16 @@
     frozen = apply_freeze(model, cfg.model.freeze)
     set_train_mode(model, frozen)   # at the start of every training epoch, instead of model.train()
 
-Files: .safetensors, .pth/.pt (read with weights_only=True) or an artifact folder's model.safetensors; DDP's
-`module.` and torch.compile's `_orig_mod.` prefixes are removed. `finetune` loads what fits (a head of another
-size is re-initialised, RGB first-conv weights are adapted to the input's channels); `update` loads strictly.
+Files: .safetensors, .pth/.pt (read with weights_only=True), an artifact folder's model.safetensors, or
+`hf-hub:owner/repo[@revision]` (the repo's model.safetensors through the Hugging Face cache, see
+`imgcls.pretrained`); DDP's `module.` and torch.compile's `_orig_mod.` prefixes are removed. `finetune` loads
+what fits (a head of another size is re-initialised, RGB first-conv weights are adapted to the input's
+channels); `update` loads strictly. `load_state` does the same for tensors already in memory (torchvision's
+pretrained weights).
 """
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Callable, Union
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .models import _info, _unwrap, adapt_input_conv, classifier_prefix, count_parameters, first_conv
+from .pretrained import HUB_PREFIX, hub_file
 from .recipe import RecipeError
 
 
@@ -37,9 +40,9 @@ def _listing(keys: list[str], limit: int = 5) -> str:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, a .pth/.pt file (weights_only) or an artifact dir's model.safetensors,
-    with DDP `module.` and torch.compile `_orig_mod.` prefixes removed."""
-    file = Path(path)
+    """Tensors from a .safetensors file, a .pth/.pt file (weights_only), an artifact dir's model.safetensors or
+    a hub repo's (`hf-hub:owner/repo`), with DDP `module.` and torch.compile `_orig_mod.` prefixes removed."""
+    file = hub_file(path) if path.startswith(HUB_PREFIX) else Path(path)
     if file.is_dir():
         file = file / "model.safetensors"
         if not file.is_file():
@@ -83,21 +86,27 @@ def load_weights(model: nn.Module, path: str, mode: str, in_channels: int) -> No
     """Load initial weights. `update`: every key and shape must match. `finetune`: the head is re-initialised
     where the file's does not fit, a pretrained first conv is adapted to `in_channels`; anything else that does
     not fit is an error rather than a half-loaded model."""
+    load_state(model, read_state_dict(path), mode, in_channels, path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], mode: str, in_channels: int, source: str,
+               key: str = "model.weights") -> None:
+    """`load_weights` for tensors in hand; `source` names them in messages, after the recipe `key`."""
     model = _unwrap(model)
-    state = read_state_dict(path)
     own = model.state_dict()
+    where = f"{key}: {source}"
     if mode == "update":
-        _raise_on_mismatch(state, own, path, "does not fit the model exactly (train_mode = 'update'; "
+        _raise_on_mismatch(state, own, where, "does not fit the model exactly (train_mode = 'update'; "
                            "'finetune' replaces a classifier that does not fit)")
         model.load_state_dict(state, strict=True)
     elif mode == "finetune":
-        model.load_state_dict(_finetune_subset(model, state, own, path, in_channels), strict=False)
+        model.load_state_dict(_finetune_subset(model, state, own, where, in_channels), strict=False)
     else:
         raise ValueError(f"load_weights: mode must be 'finetune' or 'update', got {mode!r}")
-    _info("model weights loaded from %s (%s)", path, mode)
+    _info("model weights loaded from %s (%s)", source, mode)
 
 
-def _raise_on_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str, why: str,
+def _raise_on_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str, why: str,
                        ignore_missing: Callable[[str], bool] = lambda key: False) -> None:
     shapes = [f"{k} (file {_shape(v)}, model {_shape(own[k])})"
               for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -106,11 +115,11 @@ def _raise_on_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tens
     problems = [f"{what}: {_listing(keys)}" for what, keys in
                 (("shape mismatch", shapes), ("missing from file", missing), ("not in model", unexpected)) if keys]
     if problems:
-        raise RecipeError(f"model.weights: {path} {why}; " + "; ".join(problems))
+        raise RecipeError(f"{where} {why}; " + "; ".join(problems))
 
 
 def _finetune_subset(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-                     path: str, in_channels: int) -> dict[str, torch.Tensor]:
+                     where: str, in_channels: int) -> dict[str, torch.Tensor]:
     head = classifier_prefix(model)
     conv_key = first_conv(model)[0] + ".weight"
     if own[conv_key].shape[1] != in_channels:
@@ -126,11 +135,11 @@ def _finetune_subset(model: nn.Module, state: dict[str, torch.Tensor], own: dict
         _info("head %s %s -> %s re-initialised", key, _shape(state[key]),
               _shape(own[key]) if key in own else "(not in model)")
     state = {k: v for k, v in state.items() if k not in unfit}
-    _raise_on_mismatch(state, own, path, f"does not fit the model outside its classifier {head!r}",
+    _raise_on_mismatch(state, own, where, f"does not fit the model outside its classifier {head!r}",
                        ignore_missing=lambda key: _under(key, head))
     absent = [k for k in own if _under(k, head) and k not in state and k not in unfit]
     if absent:
-        _info("head %s not in %s: freshly initialised", _listing(absent), path)
+        _info("head %s not in %s: freshly initialised", _listing(absent), where.partition(": ")[2])
     return state
 
 

@@ -16,6 +16,7 @@ import sys
 
 from ..exitcodes import EXIT_USAGE
 from ..recipe import RecipeError
+from ..shard_cache import ShardError
 from ..split import DataError
 
 COMMANDS = ("mnist", "check", "stats", "shard")
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ShardError as e:  # a shard that cannot be fetched or does not match its manifest
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""`ShardOrderSampler`: a training order over sharded data in which each process reads its own run of shards.
+
+    sampler = ShardOrderSampler(shard_counts(split), world_size=W, per_device_batch=b,
+                                micro_batches_per_epoch=M, seed=seed, shuffle=True)
+    loader = DataLoader(dataset, batch_size=b, sampler=sampler, drop_last=True, ...)
+    loader = accelerator.prepare(loader)     # BatchSamplerShard, split_batches=False
+    loader.set_epoch(epoch)                  # before iterating each epoch (the protocol accelerate calls)
+
+The epoch's sequence S. Shuffled, S visits the shards in an order drawn from (seed, epoch) and, inside each
+shard, its items in an order drawn from (seed, epoch, shard); both come from numpy's `SeedSequence`, so S is a
+pure function of (seed, epoch): the same on every process, after a resume, with any number of workers.
+Unshuffled, S = 0, 1, ..., N-1: the order of a folder loader without shuffle.
+
+Lanes. With W processes, b items per micro-batch and M micro-batches per process per epoch, each process
+consumes L = M*b items; lane r is S[r*L:(r+1)*L], one contiguous run of S, so a run of whole shards (a shard
+that straddles two lanes is read by both; the N - W*L items at the end of S are left out this epoch, as
+drop_last leaves out a last short batch). The sampler yields, for t in 0..M-1 and r in 0..W-1, lane r's
+micro-batch t (b items). A DataLoader with batch_size b cuts that into batches 0, 1, 2, ..., and accelerate's
+BatchSamplerShard (split_batches=False) gives process r the batches r, r+W, r+2W, ...: exactly lane r, in
+order. So a process reads about N/W items' worth of shards per epoch instead of every shard, and each shard it
+reads is consumed front to back while it is in the reader's memory (`shards.KEEP_SHARDS`); with n > 1
+DataLoader workers, batches go to the workers in turn, so each worker reads every shard of the lane. len() is
+W*M*b. Accelerate's loader calls `set_epoch` with its own count of finished iterations before each one: call
+`loader.set_epoch(epoch)` first (after a resume too).
+
+The indices are positions of the dataset; `shards.shard_counts(split)` gives the per-shard counts of a split's
+positions (for a split that holds every item of its shards, positions are the items).
+
+Mixing is limited to what keeps reads local: the order of the shards and the order inside each shard change
+every epoch, but a micro-batch draws from the one or two shards its lane is in at that point. Shards written
+from a class-folder tree follow the folder order, which is sorted by class, so their batches hold few classes.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class ShardOrderSampler(Sampler[int]):
+    def __init__(self, counts: Sequence[int], world_size: int, per_device_batch: int,
+                 micro_batches_per_epoch: int | None, seed: int, shuffle: bool = True):
+        """`counts[k]`: items of shard k (positions start[k]..start[k]+counts[k]-1, in shard order).
+        `micro_batches_per_epoch` None: as many as fit, N // (world_size * per_device_batch)."""
+        self.counts = [int(c) for c in counts]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        n = int(self.starts[-1])
+        if world_size < 1 or per_device_batch < 1:
+            raise ValueError(f"world_size ({world_size}) and per_device_batch ({per_device_batch}) must be >= 1")
+        if micro_batches_per_epoch is None:
+            micro_batches_per_epoch = n // (world_size * per_device_batch)
+        if micro_batches_per_epoch < 1 or world_size * micro_batches_per_epoch * per_device_batch > n:
+            raise ValueError(f"{micro_batches_per_epoch} micro-batches of {per_device_batch} on each of {world_size} "
+                             f"process(es) need {world_size * max(micro_batches_per_epoch, 1) * per_device_batch} "
+                             f"items; the shards hold {n}")
+        self.world_size, self.per_device_batch = world_size, per_device_batch
+        self.micro_batches = micro_batches_per_epoch
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.world_size * self.micro_batches * self.per_device_batch
+
+    def _entropy(self, *parts: int) -> list[int]:
+        return [int(p) % 2**64 for p in (self.seed, *parts)]  # SeedSequence takes non-negative integers
+
+    def sequence(self, epoch: int | None = None) -> np.ndarray:
+        """S of an epoch (this sampler's epoch by default): every position once, int64 [N]."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return np.arange(self.starts[-1], dtype=np.int64)
+        shards = np.random.default_rng(np.random.SeedSequence(self._entropy(epoch))).permutation(len(self.counts))
+        runs = [self.starts[k] + np.random.default_rng(np.random.SeedSequence(self._entropy(epoch, k)))
+                .permutation(self.counts[k]) for k in shards]
+        return np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+
+    def lanes(self, epoch: int | None = None) -> np.ndarray:
+        """int64 [W, M*b]: lane r is what process r reads this epoch, in order."""
+        lane = self.micro_batches * self.per_device_batch
+        return self.sequence(epoch)[:self.world_size * lane].reshape(self.world_size, lane)
+
+    def __iter__(self) -> Iterator[int]:
+        w, m, b = self.world_size, self.micro_batches, self.per_device_batch
+        # [W, M, b] -> [M, W, b]: micro-batch t of lane 0, of lane 1, ..., then micro-batch t+1
+        yield from self.lanes().reshape(w, m, b).transpose(1, 0, 2).reshape(-1).tolist()
+
+    def lane_shards(self, process: int, epoch: int | None = None) -> list[int]:
+        """The shards lane `process` reads in an epoch, in the order it reads them."""
+        shard_of = np.searchsorted(self.starts, self.lanes(epoch)[process], side="right") - 1
+        return list(dict.fromkeys(shard_of.tolist()))
