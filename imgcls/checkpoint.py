@@ -43,6 +43,9 @@ class TrainState:
     window_losses: list = field(default_factory=list)  # per process: train loss summed since the last log
     window_batches: int = 0
     tracker_ids: dict = field(default_factory=dict)
+    epoch_top1: list = field(default_factory=list)  # per process: [correct, seen] train predictions this epoch
+    skipped_steps: int = 0  # train.on_nonfinite = "skip": optimizer steps skipped, in all and in a row
+    skipped_in_a_row: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)

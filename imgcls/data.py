@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import BatchAugment, normalize
 from .classnames import ClassNameError, check_class_names
 from .gpu_decode import EncodedBatch, EncodedImages, decode_batch
 from .hub import streaming_refusal
+from .imbalance import BalancedSampler, split_labels
 from .images import BAD_IMAGE_ERRORS
 from .labels import check_classes
 from .recipe import DataConfig
@@ -163,9 +164,12 @@ def make_datasets(splits: DataSplits, cfg: DataConfig, seed: int) -> dict[str, I
 
 
 def train_sampler(split: Split, cfg: DataConfig, seed: int, world_size: int, per_device_batch: int,
-                  micro_batches_per_epoch: int) -> ShardOrderSampler | None:
+                  micro_batches_per_epoch: int) -> ShardOrderSampler | BalancedSampler | None:
     """data.source = "shards": the order in which each process reads its own run of shards (shard_order.py);
-    other sources: None, the loader's own shuffle."""
+    data.sampler = "balanced": each class about equally often, a draw of (seed, epoch) (imbalance.py);
+    otherwise None, the loader's own shuffle."""
+    if cfg.sampler == "balanced":  # the recipe refuses it with shards
+        return BalancedSampler(split_labels(split), seed)
     if cfg.source != "shards":
         return None
     return ShardOrderSampler(shard_counts(split), world_size, per_device_batch, micro_batches_per_epoch, seed,
@@ -173,8 +177,9 @@ def train_sampler(split: Split, cfg: DataConfig, seed: int, world_size: int, per
 
 
 def make_loader(ds: Images, batch_size: int, cfg: DataConfig, train: bool, seed: int,
-                sampler: ShardOrderSampler | None = None) -> DataLoader:
-    """Whole batches of uint8 (a quarter of float32's bytes) cross the worker and host-to-device boundaries."""
+                sampler: Sampler[int] | None = None) -> DataLoader:
+    """Whole batches of uint8 (a quarter of float32's bytes) cross the worker and host-to-device boundaries.
+    `sampler` (from `train_sampler`) replaces the loader's own shuffle; it is handed the epoch by `set_epoch`."""
     workers = cfg.workers
     shuffle = train and cfg.shuffle and sampler is None
     return DataLoader(

@@ -1,4 +1,5 @@
-"""Exact classification metrics across processes: loss, top-1, top-5, confusion matrix."""
+"""Exact classification metrics across processes: loss, top-1, top-5, confusion matrix, and from the confusion
+matrix macro-F1 and balanced accuracy (mean per-class recall), the numbers that an imbalanced val split needs."""
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,8 @@ def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = F
         if keep_logits:
             all_logits.append(logits)
             all_labels.append(labels)
-    out = {"loss": loss_sum / max(n, 1), "top1": correct1 / max(n, 1), "n": n, "confusion": confusion}
+    out = {"loss": loss_sum / max(n, 1), "top1": correct1 / max(n, 1), "n": n, "confusion": confusion,
+           "macro_f1": macro_f1(confusion), "balanced_accuracy": balanced_accuracy(confusion)}
     if num_classes > 5:
         out["top5"] = correct5 / max(n, 1)
     if keep_logits:
@@ -43,6 +45,28 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     return (confusion.diag().float() / totals).tolist()
 
 
+def balanced_accuracy(confusion: torch.Tensor) -> float:
+    """Mean recall over the classes that occur (rows of `confusion` = true class); sklearn's
+    `balanced_accuracy_score`. 0.0 for an empty matrix."""
+    support = confusion.sum(dim=1)
+    present = support > 0
+    if not present.any():
+        return 0.0
+    return (confusion.diag()[present].double() / support[present]).mean().item()
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 = 2 tp / (true + predicted) over the classes that occur as truth or prediction (sklearn's macro
+    average over its labels): a class that occurs but is never predicted correctly scores 0. 0.0 when empty."""
+    tp = confusion.diag().double()
+    seen = confusion.sum(dim=1) + confusion.sum(dim=0)
+    present = seen > 0
+    if not present.any():
+        return 0.0
+    return (2 * tp[present] / seen[present]).mean().item()
+
+
 def scalars(metrics: dict) -> dict:
     """The loggable numbers of an `evaluate` result."""
-    return {k: v for k, v in metrics.items() if k in ("loss", "top1", "top5", "n")}
+    keep = ("loss", "top1", "top5", "macro_f1", "balanced_accuracy", "n")
+    return {k: v for k, v in metrics.items() if k in keep}

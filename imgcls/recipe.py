@@ -50,6 +50,25 @@ IntPair = Annotated[tuple[int, int], BeforeValidator(_array_to_tuple)]
 FloatPair = Annotated[tuple[float, float], BeforeValidator(_array_to_tuple)]
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_seconds(value: Any) -> Any:
+    """`"2h"`, `"30m"`, `"90s"`, `"1.5h"` or a number of seconds -> seconds; `""` -> 0 (no limit)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        number, unit = (text[:-1], text[-1]) if text and text[-1] in DURATION_UNITS else (text, "s")
+        try:
+            return float(number or 0) * DURATION_UNITS[unit]
+        except ValueError:
+            raise PydanticCustomError("duration", "expected seconds or a duration such as \"2h\", \"30m\", "
+                                                  "\"90s\"") from None
+    return value
+
+
+Seconds = Annotated[float, Field(ge=0.0), BeforeValidator(_duration_seconds)]
+
+
 class AugmentConfig(Section):
     """`[data.augment]`: train-time augmentation (evaluation never augments)."""
 
@@ -120,6 +139,8 @@ class DataConfig(Section):
     # loading
     workers: int = Field(0, ge=0)
     shuffle: bool = True
+    # "balanced": each epoch draws len(train) images with replacement, each class about equally often (imbalance.py)
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     cache: Literal["none", "memory", "disk"] = "none"
     decode: Literal["cpu", "gpu"] = "cpu"  # "gpu": train JPEGs decoded by nvJPEG on the device (gpu_decode.py)
     cache_dir: str = ""  # data.cache = "disk": "" -> $IMGCLS_CACHE, else ~/.cache/imgcls
@@ -155,6 +176,12 @@ class DataConfig(Section):
         if self.decode == "gpu" and self.cache != "none":
             problems.append(f"decode = 'gpu' decodes the files of each batch on the device: it needs cache = 'none' "
                             f"(a {self.cache!r} store already holds decoded pixels)")
+        if self.sampler == "balanced" and self.source == "shards":
+            problems.append("sampler = 'balanced' does not apply to source = 'shards': shards are read in their own "
+                            "order (each process reads its own run of shards); use sampler = 'shuffle', or train "
+                            "from the folder, list file or hub source to balance classes")
+        if self.sampler == "balanced" and not self.shuffle:
+            problems.append("sampler = 'balanced' draws a random sample every epoch: it needs shuffle = true")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -224,12 +251,20 @@ class TrainConfig(Section):
     max_steps: int = Field(0, ge=0)
     mixed_precision: Literal["config", "no", "bf16", "fp16"] = "config"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = "none"  # "balanced": loss weight n / (classes x count of the class)
     evaluate_before_train: bool = False
     eval_every_epochs: int = Field(1, ge=1)
     log_every_steps: int = Field(50, ge=1)
     early_stop_patience: int = Field(0, ge=0)
     calibrate: bool = True
     cpu_threads: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"  # intra-op threads per CPU process
+    max_time: Seconds = 0.0  # wall time of this process's run (a resumed run counts its own); 0 = no limit
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss: stop (exit 1), or skip that optimizer step
+    max_skipped_steps: int = Field(10, ge=0)  # on_nonfinite = "skip": more skipped steps in a row stop the run
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # EMA of the weights, validated as "val_ema"; 0 = off
+    ema_warmup_steps: int = Field(0, ge=0)  # decay = min(ema_decay, (1 + t) / (10 + t)) for the first t updates
+    channels_last: bool = False  # model and train batches in torch.channels_last memory format
+    compile: bool = False  # torch.compile the model (on CPU it needs a C++ compiler)
 
 
 class CheckpointConfig(Section):
@@ -239,7 +274,8 @@ class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0)
     every_epochs: int = Field(1, ge=0)
     keep_last: int = Field(2, ge=1)
-    select_metric: Literal["top1", "loss"] = "top1"
+    select_metric: Literal["top1", "loss", "macro_f1", "balanced_accuracy"] = "top1"  # all but loss: higher is better
+    select_ema: bool = False  # with train.ema_decay: the EMA weights are selected as best and go to model/best
 
 
 class TrackingConfig(Section):

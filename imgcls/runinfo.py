@@ -24,7 +24,8 @@ log = get_logger(__name__)
 # Changing these on resume keeps the saved state meaningful; anything else is refused.
 SAFE_ON_RESUME = ("train.epochs", "train.max_steps", "train.log_every_steps", "train.eval_every_epochs",
                   "train.early_stop_patience", "train.calibrate", "checkpoint.", "tracking.", "export.",
-                  "data.workers", "train.cpu_threads")
+                  "data.workers", "train.cpu_threads", "train.max_time", "train.on_nonfinite",
+                  "train.max_skipped_steps")
 # ... except in these cases, where the saved state would be read with another meaning
 HORIZON_KEYS = ("train.epochs", "train.max_steps")
 
@@ -36,6 +37,9 @@ def _refusal(key: str, saved: Recipe) -> str:
                 "start a new run with model.train_mode=\"update\" model.weights=\"<run>/model/last\"")
     if key == "checkpoint.select_metric":
         return "the best model so far was chosen by the saved metric; a new one cannot be compared with it"
+    if key == "checkpoint.select_ema":
+        return "the best model so far was chosen among the saved run's weights (EMA or not); the other kind " \
+               "cannot be compared with it"
     return "" if key.startswith(SAFE_ON_RESUME) else "it alters the saved state"
 
 

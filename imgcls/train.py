@@ -11,6 +11,8 @@ this order: log, epoch end, evaluation (best/last artifacts), checkpoint, stop.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,12 +29,15 @@ from .calibration import calibrate_artifact
 from .data import make_datasets, make_loader, train_sampler
 from .distributed import apply_cpu_threads, create_accelerator
 from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
+from .ema import WeightEma
 from .gpu_decode import check_gpu_decode
+from .guards import Deadline, NonFiniteGuard, NonFiniteLoss, nonfinite_message
+from .imbalance import class_weights, describe_weights, split_labels
 from .metrics import evaluate, per_class_accuracy, scalars
 from .plan import Plan, make_plan
 from .preflight import PreflightError
 from .optim import build_optimizer, build_scheduler
-from .recipe import Recipe, RecipeError, recipe_to_toml
+from .recipe import Recipe, RecipeError, TrainConfig, recipe_to_toml
 from .runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
 from .shard_cache import ShardError
 from .signals import StopSignal, resume_command
@@ -56,12 +61,18 @@ class Trainer:
         self.saved_step = -1  # one checkpoint per optimizer step, however many reasons ask for it
         self.stop: StopSignal | None = None
         self.runlog: RunLog | None = None
+        self.stopped_by = ""  # "max_time" | "early_stop" once the run ends before its planned steps
 
     # ------------------------------------------------------------------ setup / cleanup
     def setup(self) -> None:
         r, acc, plan = self.recipe, self.accelerator, self.plan
         datasets = make_datasets(plan.splits, r.data, r.seed)
         self.train_images = datasets["train"]  # augments on the device: per-sample parameters of (seed, epoch, k)
+        self.class_weights = None  # train.class_weights: the cross-entropy's `weight`
+        if r.train.class_weights == "balanced":
+            names = plan.splits.class_names
+            self.class_weights = class_weights(split_labels(plan.splits.train), names).to(acc.device)
+            log.info("train.class_weights = \"balanced\": %s", describe_weights(self.class_weights, names))
         self.sampler = train_sampler(plan.splits.train, r.data, r.seed, acc.num_processes, plan.per_device_batch,
                                      self.micro_per_epoch)
         train_loader = make_loader(datasets["train"], plan.per_device_batch, r.data, True, r.seed, self.sampler)
@@ -70,11 +81,14 @@ class Trainer:
         model = plan.model
         if r.model.sync_batchnorm and acc.num_processes > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model, self.ema = speed_and_ema(model, r.train, acc.device)
         optimizer = build_optimizer(r.optim, model)
         self.scheduler = build_scheduler(r.schedule, optimizer, plan.steps_per_epoch, plan.total_steps)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loaders = {k: acc.prepare(v) for k, v in eval_loaders.items()}
         acc.register_for_checkpointing(self.scheduler)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
         self.state = ckpt.TrainState(world_size=acc.num_processes)
         self.runlog = RunLog(acc, r, self.run_dir)
         if self.source is not None:
@@ -84,6 +98,9 @@ class Trainer:
         self.mix = batch_mix(r.data.augment, plan.num_classes)
         self.loss_sum = torch.zeros((), device=acc.device)  # summed on the device: no host sync per step
         self.loss_sum += self.resumed_window_loss()
+        self.top1_counts = torch.tensor(self.resumed_top1_counts(), device=acc.device)  # [correct, seen] this epoch
+        self.nonfinite = NonFiniteGuard(acc.device)
+        self.deadline = Deadline(r.train.max_time)
         self.stop = StopSignal()
 
     def restore(self, source: Path) -> None:
@@ -104,6 +121,13 @@ class Trainer:
             return saved[acc.process_index]
         return sum(saved) / len(saved) if saved else 0.0
 
+    def resumed_top1_counts(self) -> list[int]:
+        """This process's [correct, seen] of the epoch so far, as saved; on another process count, all on rank 0."""
+        saved, acc = self.state.epoch_top1, self.accelerator
+        if len(saved) == acc.num_processes:
+            return saved[acc.process_index]
+        return [sum(c for c, _ in saved), sum(n for _, n in saved)] if saved and acc.is_main_process else [0, 0]
+
     def cleanup(self) -> None:
         """Close what setup() opened, also after a failure part-way through it."""
         if self.stop is not None:
@@ -117,7 +141,7 @@ class Trainer:
     def done(self) -> bool:
         s, t = self.state, self.recipe.train
         early = t.early_stop_patience and s.bad_epochs >= t.early_stop_patience
-        return bool(s.step >= self.plan.total_steps or s.epoch >= t.epochs or early)
+        return bool(s.step >= self.plan.total_steps or s.epoch >= t.epochs or early or self.stopped_by)
 
     def run(self) -> int:
         if self.recipe.train.evaluate_before_train and self.state.step == 0:
@@ -155,7 +179,7 @@ class Trainer:
         s, loader = self.state, self.train_loader
         loader.set_epoch(s.epoch)
         self.train_images.set_augment_epoch(s.epoch)  # the augmentation's epoch
-        if self.sampler is not None:  # data.source = "shards": which process reads which shards, in order
+        if self.recipe.data.source == "shards":  # which process reads which shards, in order
             lanes = [" ".join(map(str, self.sampler.lane_shards(p, s.epoch))) for p in range(self.sampler.world_size)]
             log.info("epoch %d: %d train shards; %s", s.epoch, len(self.sampler.counts),
                      "; ".join(f"process {p} reads {lane}" for p, lane in enumerate(lanes)))
@@ -168,16 +192,26 @@ class Trainer:
         acc, r = self.accelerator, self.recipe
         with acc.accumulate(self.model):
             targets = labels
+            if r.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             if self.mix is not None:
                 images, targets = self.mix(images, labels)
             logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=r.train.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                                   label_smoothing=r.train.label_smoothing)
+            self.nonfinite.observe(loss, self.state.step + 1)
+            self.top1_counts[0] += (logits.argmax(1) == labels).sum()  # hard labels, also under mixup/cutmix
+            self.top1_counts[1] += labels.numel()
             acc.backward(loss)
-            if acc.sync_gradients and r.optim.grad_clip_norm:
+            skip = acc.sync_gradients and r.train.on_nonfinite == "skip" and self.skip_step()
+            if acc.sync_gradients and r.optim.grad_clip_norm and not skip:
                 acc.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip_norm)
-            self.optimizer.step()
+            if not skip:
+                self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
+                if self.ema is not None and not skip:
+                    self.ema.update(acc.unwrap_model(self.model))
             self.optimizer.zero_grad(set_to_none=True)
         self.state.batch_in_epoch += 1
         self.state.window_batches += 1
@@ -193,16 +227,20 @@ class Trainer:
         epoch = s.epoch
         epoch_end = s.batch_in_epoch >= self.micro_per_epoch
         if s.step % r.train.log_every_steps == 0 or epoch_end:
-            self.log_train()
+            self.log_train(epoch_end)
         if epoch_end:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         run_end = s.step >= self.plan.total_steps or s.epoch >= r.train.epochs
-        if run_end or (epoch_end and (epoch + 1) % r.train.eval_every_epochs == 0):
-            self.validate(epoch)
         every, every_epochs = r.checkpoint.every_steps, r.checkpoint.every_epochs
         due = (every and s.step % every == 0) or (epoch_end and every_epochs and (epoch + 1) % every_epochs == 0)
         # several processes agree by an all-reduce: every STOP_CHECK_STEPS steps, and wherever a save is due anyway
         ask = self.accelerator.num_processes == 1 or s.step % STOP_CHECK_STEPS == 0 or due or epoch_end or run_end
+        if not run_end and ask and self.deadline.expired(self.accelerator):  # ends as the last step would
+            run_end, self.stopped_by = True, "max_time"
+            log.warning("train.max_time = %gs reached at step %d of %d: final validation, checkpoint and test",
+                        r.train.max_time, s.step, self.plan.total_steps)
+        if run_end or (epoch_end and (epoch + 1) % r.train.eval_every_epochs == 0):
+            self.validate(epoch)
         stop = bool(ask) and self.stop.agreed(self.accelerator)
         if due or run_end or stop or self.done:
             self.save_checkpoint()
@@ -213,14 +251,51 @@ class Trainer:
                      r.train.early_stop_patience, s.best_epoch)
         return "done" if self.done else "epoch" if epoch_end else "continue"
 
+    # ------------------------------------------------------------------ guards: non-finite loss
+    def check_finite(self) -> None:
+        """on_nonfinite = "stop": read the device flag where the loop syncs anyway (log, evaluation, checkpoint),
+        before anything of a bad state is logged or saved."""
+        if self.recipe.train.on_nonfinite == "stop" and (bad := self.nonfinite.read(self.accelerator)):
+            self.raise_nonfinite(*bad)
+
+    def skip_step(self) -> bool:
+        """on_nonfinite = "skip": whether this optimizer step had a non-finite loss; if so its gradients are
+        dropped. One host sync per optimizer step (the decision must precede `optimizer.step()`)."""
+        s, bad = self.state, self.nonfinite.read(self.accelerator)
+        if bad is None:
+            s.skipped_in_a_row = 0
+            return False
+        s.skipped_steps, s.skipped_in_a_row = s.skipped_steps + 1, s.skipped_in_a_row + 1
+        if s.skipped_in_a_row > self.recipe.train.max_skipped_steps:
+            self.raise_nonfinite(*bad, in_a_row=s.skipped_in_a_row)
+        log.warning("non-finite training loss (%s) at optimizer step %d: step skipped (%d in a row, %d in all)",
+                    bad[1], bad[0], s.skipped_in_a_row, s.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def raise_nonfinite(self, step: int, value: float, in_a_row: int = 0) -> None:
+        saved = ckpt.complete_checkpoints(self.run_dir)
+        raise NonFiniteLoss(nonfinite_message(step, (step - 1) // self.plan.steps_per_epoch, value,
+                                              saved[-1] if saved else None, in_a_row))
+
     # ------------------------------------------------------------------ logging, evaluation, saving
-    def log_train(self) -> None:
+    def log_train(self, epoch_end: bool = False) -> None:
+        self.check_finite()
         s, acc, w = self.state, self.accelerator, self.window
         loss = (self.loss_sum / max(s.window_batches, 1)).reshape(1)
         loss = (acc.reduce(loss, reduction="mean") if acc.num_processes > 1 else loss).item()
         elapsed = max(time.perf_counter() - w["t0"], 1e-9)
         values = {"epoch": s.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                   "images_per_s": w["images"] / elapsed, "data_wait_fraction": w["wait"] / elapsed}
+        if self.recipe.train.on_nonfinite == "skip":
+            values["skipped_steps"] = s.skipped_steps
+        if epoch_end:  # over the epoch's train batches, as the model was while it trained on them
+            correct, seen = (acc.reduce(self.top1_counts.clone(), reduction="sum") if acc.num_processes > 1
+                             else self.top1_counts).tolist()
+            values["train_top1"] = correct / max(seen, 1)
+            self.top1_counts.zero_()
+            log.info("epoch %d train: top1 %.4f over %d images (argmax against the hard labels)", s.epoch,
+                     values["train_top1"], seen)
         self.runlog.log("train", s.step, values)
         w["bar"].set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.0f}")
         if w["bar"].disable:  # no terminal (batch jobs, CI): progress goes to the log instead
@@ -243,11 +318,16 @@ class Trainer:
 
     def validate(self, epoch: int) -> None:
         """Validate, then keep model/last and, when it improved, model/best."""
+        self.check_finite()
         s, key = self.state, self.recipe.checkpoint.select_metric
         val = self.evaluate("val")
         self.log_eval("val", epoch, val)
+        if self.ema is not None:
+            val_ema = evaluate(self.ema.module, self.eval_loaders["val"], self.accelerator, self.plan.num_classes)
+            self.log_eval("val_ema", epoch, val_ema)
+            val = val_ema if self.recipe.checkpoint.select_ema else val
         self.runlog.draw_plots()
-        is_best = s.best_metric is None or (val[key] > s.best_metric if key == "top1" else val[key] < s.best_metric)
+        is_best = s.best_metric is None or (val[key] < s.best_metric if key == "loss" else val[key] > s.best_metric)
         if is_best:
             s.best_metric, s.best_epoch, s.bad_epochs = val[key], epoch, 0
         else:
@@ -261,14 +341,18 @@ class Trainer:
             return
         config = artifact_config(self.recipe, self.plan, extra)
         model = self.accelerator.unwrap_model(self.model)
+        ema_best = self.ema is not None and self.recipe.checkpoint.select_ema  # model/last keeps the trained weights
         for kind in ("last", "best") if is_best else ("last",):
+            chosen = self.ema.module.state_dict() if kind == "best" and ema_best else tensors
             ckpt.save_artifact(self.run_dir / "model" / kind, model, config, recipe_to_toml(self.recipe),
-                               state_dict=tensors)
+                               state_dict=chosen)
 
     def save_checkpoint(self) -> None:
         if self.state.step == self.saved_step:
             return
+        self.check_finite()  # a bad state is never saved: the newest checkpoint stays the last good one
         self.state.log_rows = self.runlog.rows
+        self.state.epoch_top1 = self.accelerator.gather(self.top1_counts.reshape(1, 2)).tolist()
         # collective, as every save: each process has its own sum, and the next log is their mean
         self.state.window_losses = self.accelerator.gather(self.loss_sum.reshape(1)).tolist()
         ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state, self.recipe.checkpoint.keep_last)
@@ -282,7 +366,11 @@ class Trainer:
         best = load_file(str(best_dir / "model.safetensors"))  # every rank loads it: all test the same model
         acc.unwrap_model(self.model).load_state_dict(best)
         results = {"name": r.name, "run_dir": str(self.run_dir), "best_epoch": s.best_epoch, "steps": s.step,
-                   "select_metric": r.checkpoint.select_metric}
+                   "select_metric": r.checkpoint.select_metric,
+                   "stopped_by": self.stopped_by or ("early_stop" if s.step < self.plan.total_steps
+                                                     and s.epoch < r.train.epochs else "")}
+        if r.train.on_nonfinite == "skip":
+            results["skipped_steps"] = s.skipped_steps
         val = self.evaluate("val", keep_logits=r.train.calibrate)
         results["val"] = scalars(val)
         if r.train.calibrate and acc.is_main_process:  # T goes into model/best/config.json
@@ -303,6 +391,23 @@ class Trainer:
                  f", test top1 {results['test']['top1']:.4f}" if "test" in results else "",
                  self.run_dir / "results.json")
         return 0
+
+
+def speed_and_ema(model: torch.nn.Module, train: TrainConfig, device: torch.device
+                  ) -> tuple[torch.nn.Module, WeightEma | None]:
+    """train.channels_last and train.compile applied to the model; its EMA copy is taken before compiling."""
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = WeightEma(model, train.ema_decay, train.ema_warmup_steps) if train.ema_decay else None
+    if ema is not None:
+        ema.module.to(device)
+    if train.compile:
+        if device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++", "clang++"))):
+            raise RecipeError("train.compile = true: torch.compile on the CPU generates C++ and needs a compiler "
+                              "(g++ or clang++ on PATH, or CXX=<compiler>); none was found. Install one, or set "
+                              "train.compile = false")
+        model.compile()  # in place: parameter names, state_dict and artifacts stay those of the plain model
+    return model, ema
 
 
 def artifact_config(recipe: Recipe, plan: Plan, extra: dict) -> dict:
@@ -366,7 +471,7 @@ def main(argv=None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (PreflightError, ShardError) as e:  # the environment, not the recipe
+    except (PreflightError, ShardError, NonFiniteLoss) as e:  # the environment or the run, not the recipe
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's own handler is installed: nothing was trained or saved

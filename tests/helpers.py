@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from imgcls.checkpoint import MARKER
+from imgcls.checkpoint import MARKER, complete_checkpoints
 from imgcls.train import main as train_main
 
 VOLATILE = {"time", "images_per_s", "data_wait_fraction"}
@@ -75,3 +76,29 @@ def wait_for_checkpoint(runs: Path, step: int, proc: subprocess.Popen, limit: fl
             return
         time.sleep(0.01)
     raise AssertionError(f"no checkpoint at step {step} within {limit}s")
+
+
+def kill_mid_epoch_then_resume(recipe: Path, runs: Path, step: int = 12) -> Path:
+    """Run `recipe` as a subprocess, SIGKILL it once its checkpoint at `step` is complete (the tiny recipes'
+    epochs are 10 steps: 12 is inside epoch 1), then `--resume auto` to the end; the run folder."""
+    proc = subprocess.Popen(train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=recipe.parent)
+    wait_for_checkpoint(runs, step, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = only_run(runs)
+    assert not (run / "results.json").exists()
+    newest = complete_checkpoints(run)[-1]
+    assert int(newest.name.split("-")[1]) % 10 != 0, "the kill must land inside an epoch"
+    done = run_train(recipe, "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    assert only_run(runs) == run  # the same run folder, continued
+    return run
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical runs: both artifacts, every metrics row but timings, the test results."""
+    for kind in ("last", "best"):
+        assert_same_weights(weights(a / "model" / kind), weights(b / "model" / kind))
+    assert stable_rows(a) == stable_rows(b)
+    assert json.loads((a / "results.json").read_text())["test"] == json.loads((b / "results.json").read_text())["test"]

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_hub_layout
-from imgcls.data import ImageDataset, build_splits, make_datasets
+from imgcls.data import build_splits, make_datasets
 from imgcls.recipe import DataConfig
 from imgcls.sources import DataError
 from imgcls.transforms import Preprocess

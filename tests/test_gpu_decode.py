@@ -3,7 +3,6 @@ the device. Everything but nvJPEG itself runs here on the CPU: which items trave
 decoded with torchcodec equals the CPU path's pixels where no resize is needed, and the refusals."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
-                     train_inprocess, wait_for_checkpoint, weights)
+from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, only_run, stable_rows,
+                     subprocess_env, train_cmd, train_inprocess, wait_for_checkpoint, weights)
 from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
 from imgcls.recipe import RecipeError, load_recipe
 from imgcls.train import EXIT_PREEMPTED
@@ -41,24 +41,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, image_folder, 
 
     killed = _recipe(tmp_path, image_folder, "b", accum, workers)
     assert load_recipe(killed).data.workers == workers
-    proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(), cwd=tmp_path)
-    wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_b = only_run(tmp_path / "b")
-    assert not (run_b / "results.json").exists()
-    newest = complete_checkpoints(run_b)[-1]
-    assert int(newest.name.split("-")[1]) % 10 != 0, "the kill must land inside an epoch"
-
-    done = run_train(killed, "--resume", "auto")
-    assert done.returncode == 0, done.stderr
-    assert only_run(tmp_path / "b") == run_b  # same run dir, same metrics.jsonl
-    for kind in ("last", "best"):
-        assert_same_weights(weights(run_a / "model" / kind), weights(run_b / "model" / kind))
-    assert stable_rows(run_a) == stable_rows(run_b)
-    assert json.loads((run_a / "results.json").read_text())["test"] == \
-        json.loads((run_b / "results.json").read_text())["test"]
+    assert_same_run(run_a, kill_mid_epoch_then_resume(killed, tmp_path / "b"))
 
 
 def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_bit_identically(tmp_path, image_folder):
@@ -129,13 +112,16 @@ def test_resume_refuses_a_new_horizon_under_cosine_and_a_new_select_metric(tmp_p
     """Under cosine the LR at step k depends on the total: a new epochs/max_steps would make it jump."""
     recipe = _recipe(tmp_path, image_folder, "b")
     assert train_inprocess(recipe, "train.max_steps=6") == 0
-    assert train_inprocess(recipe, "--resume", "auto", "train.max_steps=12", "checkpoint.select_metric=loss") == 2
+    assert train_inprocess(recipe, "--resume", "auto", "train.max_steps=12", "checkpoint.select_metric=loss",
+                           "checkpoint.select_ema=true") == 2
     err = capsys.readouterr().err
     assert ("train.max_steps: 6 (saved) -> 12 (now): the cosine schedule spans the whole run, so the learning "
             "rate would jump; to train longer, start a new run with model.train_mode=\"update\" "
             "model.weights=\"<run>/model/last\"") in err
     assert ("checkpoint.select_metric: 'top1' (saved) -> 'loss' (now): the best model so far was chosen by the "
             "saved metric; a new one cannot be compared with it") in err
+    assert ("checkpoint.select_ema: False (saved) -> True (now): the best model so far was chosen among the saved "
+            "run's weights (EMA or not); the other kind cannot be compared with it") in err
 
 
 def test_resume_accepts_more_epochs_under_a_constant_schedule(tmp_path, image_folder):

@@ -2,18 +2,15 @@
 exact resume after SIGKILL, and processes that read disjoint runs of shards."""
 from __future__ import annotations
 
-import json
 import re
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import write_recipe
-from helpers import (assert_same_weights, only_run, run_train, stable_rows, subprocess_env, train_cmd,
-                     train_inprocess, wait_for_checkpoint, weights)
-from imgcls.checkpoint import complete_checkpoints
+from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, only_run, stable_rows,
+                     train_inprocess, weights)
 from imgcls.datatools.cli import main as data_main
 from test_distributed import cpu_env, free_port, launch_cmd
 
@@ -53,23 +50,7 @@ def test_sigkill_on_shards_then_resume_auto_is_bit_identical(tmp_path, image_fol
     assert train_inprocess(recipe(tmp_path, data, "a")) == 0
     run_a = only_run(tmp_path / "a")
 
-    killed = recipe(tmp_path, data, "b")
-    proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(), cwd=tmp_path)
-    wait_for_checkpoint(tmp_path / "b", 12, proc)  # epoch 1 spans steps 11-20: step 12 is mid-epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_b = only_run(tmp_path / "b")
-    assert not (run_b / "results.json").exists()
-    assert int(complete_checkpoints(run_b)[-1].name.split("-")[1]) % 10 != 0, "the kill must land inside an epoch"
-
-    done = run_train(killed, "--resume", "auto")
-    assert done.returncode == 0, done.stderr
-    assert stable_rows(run_a) == stable_rows(run_b)
-    for kind in ("last", "best"):
-        assert_same_weights(weights(run_a / "model" / kind), weights(run_b / "model" / kind))
-    assert json.loads((run_a / "results.json").read_text())["test"] == \
-        json.loads((run_b / "results.json").read_text())["test"]
+    assert_same_run(run_a, kill_mid_epoch_then_resume(recipe(tmp_path, data, "b"), tmp_path / "b"))
 
 
 def test_two_processes_read_disjoint_shards_and_together_every_shard(tmp_path, image_folder):

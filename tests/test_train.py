@@ -49,7 +49,8 @@ def test_metrics_jsonl_rows_and_keys(folder_recipe, tmp_path):
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
     assert set(train[0]) == {"event", "step", "time", "epoch", "loss", "lr", "images_per_s", "data_wait_fraction"}
     assert [(r["step"], r["epoch"]) for r in val] == [(10, 0), (20, 1), (30, 2)]
-    assert set(val[0]) == {"event", "step", "time", "epoch", "loss", "top1", "n", "per_class_top1"}
+    assert set(val[0]) == {"event", "step", "time", "epoch", "loss", "top1", "macro_f1", "balanced_accuracy", "n",
+                           "per_class_top1"}
     assert set(val[0]["per_class_top1"]) == {"a", "b", "c", "d"}
     assert len(test) == 1 and test[0]["n"] == 40
 

@@ -1,0 +1,45 @@
+"""An exponential moving average of the model's weights (`train.ema_decay`), validated as "val_ema".
+
+    ema = WeightEma(model, decay=0.999, warmup_steps=2000)   # a copy of the (unwrapped) model, frozen, in eval
+    ema.update(model)                                        # after each optimizer step
+    evaluate(ema.module, ...)                                # the averaged model
+    accelerator.register_for_checkpointing(ema)              # state_dict / load_state_dict: saved with the run
+
+Parameters are averaged, ema = d * ema + (1 - d) * weights; buffers (BatchNorm running statistics, counters) are
+copied from the model, as they are already averages. For the first `warmup_steps` updates the decay is
+min(d, (1 + t) / (10 + t)) at update t = 0, 1, ... (the num_updates ramp of TensorFlow's ExponentialMovingAverage),
+so the early, random weights are forgotten quickly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class WeightEma:
+    def __init__(self, model: torch.nn.Module, decay: float, warmup_steps: int = 0):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup_steps, self.updates = decay, warmup_steps, 0
+
+    def current_decay(self) -> float:
+        t = self.updates
+        return min(self.decay, (1 + t) / (10 + t)) if t < self.warmup_steps else self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
+        params = dict(self.module.named_parameters())
+        for name, p in model.named_parameters():
+            params[name].mul_(d).add_(p.detach(), alpha=1 - d)
+        buffers = dict(self.module.named_buffers())
+        for name, b in model.named_buffers():
+            buffers[name].copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["weights"])

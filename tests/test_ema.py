@@ -1,0 +1,93 @@
+"""EMA of the weights: the update rule by hand, exact resume with the EMA in the checkpoint, and
+`checkpoint.select_ema` writing the EMA weights to model/best."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, metrics_rows, only_run,
+                     train_inprocess, weights)
+from imgcls.checkpoint import complete_checkpoints
+from imgcls.ema import WeightEma
+
+
+def test_two_updates_match_the_hand_computation_with_warmup_and_copy_the_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEma(model, decay=0.9, warmup_steps=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {k: v.clone() for k, v in model.named_parameters()}
+    for t in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(4, 3))  # moves the BatchNorm statistics
+        d = min(0.9, (1 + t) / (10 + t))  # 0.1, then 2/11
+        assert ema.current_decay() == d
+        ema.update(model)
+        expected = {k: d * expected[k] + (1 - d) * p.detach() for k, p in model.named_parameters()}
+    state = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-7)
+        assert not torch.equal(state[k], start[k])
+    for k, b in model.named_buffers():
+        assert torch.equal(state[k], b)
+    assert state["1.num_batches_tracked"].item() == 2
+
+    again = WeightEma(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)), decay=0.9, warmup_steps=5)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 2 and again.current_decay() == min(0.9, 3 / 12)
+    assert_same_weights(again.module.state_dict(), state)
+
+
+def test_after_warmup_the_decay_is_the_recipes():
+    ema = WeightEma(torch.nn.Linear(2, 2), decay=0.999, warmup_steps=0)
+    assert ema.current_decay() == 0.999
+
+
+def _recipe(tmp_path: Path, image_folder: Path, runs: str, train: str = "", checkpoint: str = "") -> Path:
+    data = f'source = "folder"\nroot = "{image_folder}"'
+    recipe = write_recipe(tmp_path / f"{runs}.toml", data, checkpoint, output_dir=tmp_path / runs,
+                          augment="crop_padding = 2\nhflip = 0.5")
+    text = recipe.read_text().replace("dropout = 0.0", "dropout = 0.2")
+    recipe.write_text(text.replace("[train]", f"[train]\nema_decay = 0.9\nema_warmup_steps = 4\n{train}"))
+    return recipe
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_with_ema_is_bit_identical(tmp_path, image_folder):
+    extra = "every_steps = 3\nkeep_last = 3"
+    straight = _recipe(tmp_path, image_folder, "a", checkpoint=extra)
+    assert train_inprocess(straight) == 0
+    run_a = only_run(tmp_path / "a")
+    assert [r["step"] for r in metrics_rows(run_a) if r["event"] == "val_ema"] == [10, 20, 30]
+
+    run_b = kill_mid_epoch_then_resume(_recipe(tmp_path, image_folder, "b", checkpoint=extra), tmp_path / "b")
+    assert_same_run(run_a, run_b)  # val_ema and train_top1 rows included
+    ema_a = torch.load(complete_checkpoints(run_a)[-1] / "custom_checkpoint_1.pkl", weights_only=True)
+    ema_b = torch.load(complete_checkpoints(run_b)[-1] / "custom_checkpoint_1.pkl", weights_only=True)
+    assert ema_a["updates"] == ema_b["updates"] == 30
+    assert_same_weights(ema_a["weights"], ema_b["weights"])
+
+
+@pytest.mark.slow
+def test_select_ema_writes_the_ema_weights_to_model_best_and_tests_them(tmp_path, image_folder):
+    recipe = _recipe(tmp_path, image_folder, "a", checkpoint="select_ema = true")
+    recipe.write_text(recipe.read_text().replace("epochs = 3", "epochs = 1"))  # one validation: it is the best
+    assert train_inprocess(recipe) == 0
+    run = only_run(tmp_path / "a")
+    newest = complete_checkpoints(run)[-1]
+    ema = torch.load(newest / "custom_checkpoint_1.pkl", weights_only=True)["weights"]
+    assert_same_weights(weights(run / "model" / "best"), ema)
+    assert_same_weights(weights(run / "model" / "last"), load_file(str(newest / "model.safetensors")))
+    best, last = weights(run / "model" / "best"), weights(run / "model" / "last")
+    assert all(not torch.equal(best[k], last[k]) for k in best if k.endswith("weight"))  # two different models
+    val_ema = [r for r in metrics_rows(run) if r["event"] == "val_ema"][-1]
+    results = json.loads((run / "results.json").read_text())
+    assert results["val"]["top1"] == val_ema["top1"] and results["val"]["loss"] == pytest.approx(val_ema["loss"])
+    assert json.loads((run / "model" / "best" / "config.json").read_text())["val"]["top1"] == val_ema["top1"]
