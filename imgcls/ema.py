@@ -5,8 +5,10 @@
     evaluate(ema.module, ...)                                # the averaged model
     accelerator.register_for_checkpointing(ema)              # state_dict / load_state_dict: saved with the run
 
-Parameters are averaged, ema = d * ema + (1 - d) * weights; buffers (BatchNorm running statistics, counters) are
-copied from the model, as they are already averages. For the first `warmup_steps` updates the decay is
+Parameters and floating-point buffers (BatchNorm running statistics) are averaged, ema = d * ema + (1 - d) *
+weights, as timm's ModelEmaV2/V3 do by default: running statistics copied from the current model do not match the
+averaged weights (on MNIST that put the EMA model 20 points of val accuracy behind in the first epochs);
+integer buffers (BatchNorm's batch counter) are copied. For the first `warmup_steps` updates the decay is
 min(d, (1 + t) / (10 + t)) at update t = 0, 1, ... (the num_updates ramp of TensorFlow's ExponentialMovingAverage),
 so the early, random weights are forgotten quickly.
 """
@@ -34,7 +36,10 @@ class WeightEma:
             params[name].mul_(d).add_(p.detach(), alpha=1 - d)
         buffers = dict(self.module.named_buffers())
         for name, b in model.named_buffers():
-            buffers[name].copy_(b)
+            if b.is_floating_point():
+                buffers[name].mul_(d).add_(b.detach(), alpha=1 - d)
+            else:
+                buffers[name].copy_(b)
         self.updates += 1
 
     def state_dict(self) -> dict:
