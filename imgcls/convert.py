@@ -24,13 +24,9 @@ import torch
 from .recipe import ModelConfig, RecipeError
 
 
-def _tensors(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in state if not k.endswith("num_batches_tracked")]
-
-
 def efficientnet_pytorch_to_timm(source: dict[str, torch.Tensor], target: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`source` (efficientnet_pytorch keys) as a state dict of `target` (a timm EfficientNet), matched by order."""
-    theirs, ours = _tensors(source), _tensors(target.state_dict())
+    theirs, ours = list(source), list(target.state_dict())  # batch norms' counters included, in the same places
     if len(theirs) != len(ours):
         raise RecipeError(f"the checkpoint has {len(theirs)} tensors, {type(target).__name__} has {len(ours)}: "
                           f"another architecture")
