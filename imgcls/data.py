@@ -43,7 +43,8 @@ class DataSplits:
         return f"train {len(self.train)} / val {len(self.val)} / test {len(self.test) if self.test else 0}"
 
 
-def _pick(splits: dict, wanted: str, synonyms: tuple[str, ...], key: str) -> Split | None:
+def pick_split(splits: dict, wanted: str, synonyms: tuple[str, ...], key: str) -> Split | None:
+    """The split `data.<key>` names, else the first of `synonyms` the source has (None: none of them)."""
     if wanted:
         if wanted not in splits:
             raise DataError(f"data.{key} = {wanted!r}: no such split; available: {sorted(splits)}")
@@ -86,8 +87,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     if found.first_seen is not None:  # classes from the user's labels or folders: each must be a real one
         check_classes(found.class_names, splits, found.first_seen, cfg.allow_rare_classes)
     train = splits[cfg.train_split]
-    val = _pick(splits, cfg.val_split, VAL_NAMES, "val_split")
-    test = _pick(splits, cfg.test_split, TEST_NAMES, "test_split")
+    val = pick_split(splits, cfg.val_split, VAL_NAMES, "val_split")
+    test = pick_split(splits, cfg.test_split, TEST_NAMES, "test_split")
     if val is None:
         train, val = carve_val(train, cfg)
     named = {"train": train, "val": val, **({"test": test} if test else {})}

@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
+from .pool import usable_cores
 from .preflight import init_distributed_state
 from .recipe import RecipeError, TrainConfig, per_device_batch  # noqa: F401 (re-exported)
 
@@ -43,8 +44,8 @@ def cpu_threads(setting: int | str, cores: int | None = None, local_processes: i
     this machine. `accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which left one core of two idle."""
     if setting != "auto":
         return int(setting)
-    if cores is None:  # the cores this process may run on (Linux); elsewhere (macOS, Windows) all of them
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores is None:
+        cores = usable_cores()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_processes is None else local_processes
     return max(cores // max(local, 1), 1)
 

@@ -24,10 +24,15 @@ from typing import Any, Callable, Iterable, Iterator
 _SHARED: Any = None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: what SLURM or taskset grant it), else all of them (macOS,
+    Windows have no affinity call)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pool_size() -> int:
     """Workers for decoding: the cores this process may use, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores))
+    return max(1, min(16, usable_cores()))
 
 
 def _start_child(shared: Any) -> None:

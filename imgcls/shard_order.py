@@ -87,7 +87,8 @@ class ShardOrderSampler(Sampler[int]):
         # [W, M, b] -> [M, W, b]: micro-batch t of lane 0, of lane 1, ..., then micro-batch t+1
         yield from self.lanes().reshape(w, m, b).transpose(1, 0, 2).reshape(-1).tolist()
 
-    def lane_shards(self, process: int, epoch: int | None = None) -> list[int]:
-        """The shards lane `process` reads in an epoch, in the order it reads them."""
-        shard_of = np.searchsorted(self.starts, self.lanes(epoch)[process], side="right") - 1
-        return list(dict.fromkeys(shard_of.tolist()))
+    def lane_shards(self, epoch: int | None = None) -> list[list[int]]:
+        """For each lane (process), the shards it reads in an epoch, in the order it reads them; the epoch's
+        sequence is drawn once."""
+        shard_of = np.searchsorted(self.starts, self.lanes(epoch), side="right") - 1
+        return [list(dict.fromkeys(lane.tolist())) for lane in shard_of]

@@ -179,10 +179,10 @@ class Trainer:
         s, loader = self.state, self.train_loader
         loader.set_epoch(s.epoch)
         self.train_images.set_augment_epoch(s.epoch)  # the augmentation's epoch
-        if self.recipe.data.source == "shards":  # which process reads which shards, in order
-            lanes = [" ".join(map(str, self.sampler.lane_shards(p, s.epoch))) for p in range(self.sampler.world_size)]
-            log.info("epoch %d: %d train shards; %s", s.epoch, len(self.sampler.counts),
-                     "; ".join(f"process {p} reads {lane}" for p, lane in enumerate(lanes)))
+        if self.recipe.data.source == "shards" and self.accelerator.is_main_process:  # who reads which shards
+            lanes = "; ".join(f"process {p} reads {' '.join(map(str, lane))}"
+                              for p, lane in enumerate(self.sampler.lane_shards(s.epoch)))
+            log.info("epoch %d: %d train shards; %s", s.epoch, len(self.sampler.counts), lanes)
         if s.batch_in_epoch:
             loader = self.accelerator.skip_first_batches(loader, s.batch_in_epoch)
             loader.set_epoch(s.epoch)  # accelerate < 1.15 builds the skipping loader at epoch 0

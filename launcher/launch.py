@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import yaml
 
+from imgcls.pool import usable_cores
 from imgcls.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout
 from imgcls.recipe import Recipe, RecipeError, load_recipe, per_device_batch
 from launcher.supervise import run_accelerate
@@ -190,11 +191,6 @@ def without_config(hw: dict) -> dict:
     total = hw["num_processes"] or max(gpus, 1)
     return {"distributed_type": "MULTI_GPU" if total > 1 else "NO", "use_cpu": gpus == 0, "num_processes": total,
             "num_machines": hw["num_machines"], "mixed_precision": "no"}
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: what SLURM or taskset grant it), else all of them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def stated_values(cfg: dict, has_file: bool, env: Mapping[str, str]) -> tuple[list[str], dict]:

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..classnames import ClassNameError, check_class_names
-from ..data import _pick, carve_val
+from ..data import carve_val, pick_split
 from ..hub import streaming_refusal
 from ..images import BAD_IMAGE_ERRORS
 from ..labels import MIN_IMAGES_PER_CLASS, rare_classes
@@ -202,8 +202,8 @@ class Report:
 def _used_splits(splits: dict[str, Split], cfg: DataConfig) -> tuple[dict[str, Split], dict[str, str]]:
     """The splits a training run uses, by role (train, val, test), and why a role has none ({"val": ...})."""
     train = splits[cfg.train_split]
-    val = _pick(splits, cfg.val_split, VAL_NAMES, "val_split")
-    test = _pick(splits, cfg.test_split, TEST_NAMES, "test_split")
+    val = pick_split(splits, cfg.val_split, VAL_NAMES, "val_split")
+    test = pick_split(splits, cfg.test_split, TEST_NAMES, "test_split")
     unusable = {}
     if val is None:
         try:
