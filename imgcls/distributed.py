@@ -39,6 +39,19 @@ def create_accelerator(train: TrainConfig, seed: int, log_with: list[str] = ()) 
     return accelerator
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (elsewhere they are emulated)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_cpu_warning(accelerator: Accelerator) -> str | None:
+    """The line to warn with when bf16 autocast on this CPU would be slower than fp32."""
+    if accelerator.mixed_precision != "bf16" or accelerator.device.type != "cpu" or cpu_has_native_bf16():
+        return None
+    return ("bf16 autocast on a CPU without bf16 instructions (AVX512-BF16 or AMX) is emulated and usually "
+            "slower than fp32 here; set train.mixed_precision=\"no\" on this machine")
+
+
 def cpu_threads(setting: int | str, cores: int | None = None, local_processes: int | None = None) -> int:
     """`train.cpu_threads`: a number, or "auto" = the cores this process may run on, shared by the processes on
     this machine. `accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which left one core of two idle."""

@@ -7,17 +7,22 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = False) -> dict:
+def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = False, flip_tta: bool = False
+             ) -> dict:
     """Full pass over `loader` of an `Images` dataset: (uint8 images, labels, positions) batches, normalized on
     the device. `gather_for_metrics` drops the samples that padding duplicated on the last batch, so 1 process
-    and N processes give the same numbers."""
+    and N processes give the same numbers. `flip_tta`: each image's prediction is the mean softmax of the image
+    and its horizontal flip (as `imgcls-predict --tta`); its log stands for the logits."""
     model.eval()
     loss_sum, n = 0.0, 0
     correct1 = correct5 = 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     all_logits, all_labels = [], []
     for images, labels, positions in loader:
-        logits = model(loader.dataset.model_input(images, positions))
+        inputs = loader.dataset.model_input(images, positions)
+        logits = model(inputs)
+        if flip_tta:
+            logits = ((logits.float().softmax(1) + model(inputs.flip(-1)).float().softmax(1)) / 2).log()
         logits, labels = accelerator.gather_for_metrics((logits.float().contiguous(), labels))
         logits, labels = logits.cpu(), labels.cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

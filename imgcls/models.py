@@ -1,7 +1,7 @@
 """The model registry (`[model]` in a recipe): build by name; initial weights and freezing are in `weights.py`.
 
-Names: `small_cnn` (ours, for MNIST-size input), `gem_resnet` (the original tool's GeM-pooling ResNet,
-see `imgcls.gem`), every torchvision classification model (`resnet18`, `vit_b_16`, ...) and every timm model as
+Names: `small_cnn` (ours, for MNIST-size input), `fast_cnn` (ours, for CIFAR-size input, see `imgcls.fast_cnn`),
+`gem_resnet` (the original tool's GeM-pooling ResNet, see `imgcls.gem`), every torchvision classification model (`resnet18`, `vit_b_16`, ...) and every timm model as
 `timm:<name>` (`timm:convnext_tiny`, `timm:resnet18.a1_in1k`; see `imgcls.timm_models`). Built freshly
 initialised, or with `[model] pretrained` weights (see `imgcls.pretrained`); `[model] weights` brings weights
 from a file instead. The first convolution is adapted to the input's channel count, and each model's classifier
@@ -32,6 +32,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from imgcls import timm_models
+from imgcls.fast_cnn import fast_cnn
 from imgcls.gem import GeMResNet
 from imgcls.pretrained import check_pretrained, fetching, timm_source, torchvision_state_dict
 from imgcls.recipe import ModelConfig, RecipeError
@@ -104,7 +105,7 @@ def gem_resnet(num_classes: int, in_channels: int, image_size: tuple[int, int], 
     return model
 
 
-_OWN: dict[str, Callable[..., nn.Module]] = {"small_cnn": small_cnn, "gem_resnet": gem_resnet}
+_OWN: dict[str, Callable[..., nn.Module]] = {"small_cnn": small_cnn, "gem_resnet": gem_resnet, "fast_cnn": fast_cnn}
 
 
 @functools.lru_cache(maxsize=None)

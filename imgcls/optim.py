@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .models import classifier_prefix
 from .recipe import OptimConfig, ScheduleConfig
 
 _NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool,
+                 within: Callable[[str], bool] = lambda name: True) -> list[dict]:
     """Weight decay on weights of conv/linear layers only (norm layers, biases, embeddings-like 1-D params
-    are left alone), as timm and torchvision's references do."""
+    are left alone), as timm and torchvision's references do. `within(module name)` picks the modules."""
     decay, no_decay = [], []
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        if not within(module_name):
+            continue
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -28,7 +33,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    """One lr for the whole model, or with `backbone_lr_scale` != 1 the classifier head's groups first at `lr`
+    (the lr that is logged) and the backbone's at `lr x backbone_lr_scale` (the fine-tuning split)."""
+    if cfg.backbone_lr_scale == 1.0:
+        groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    else:
+        head = classifier_prefix(model)
+        in_head = lambda name: name == head or name.startswith(head + ".")  # noqa: E731
+        groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, in_head)
+        backbone = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, lambda name: not in_head(name))
+        groups += [{**g, "lr": cfg.lr * cfg.backbone_lr_scale} for g in backbone if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)

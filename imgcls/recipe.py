@@ -229,6 +229,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     decay_norm_and_bias: bool = False
     grad_clip_norm: float = Field(0.0, ge=0.0)
+    backbone_lr_scale: float = Field(1.0, gt=0.0)  # everything but the classifier head trains at lr x this
 
 
 class ScheduleConfig(Section):
@@ -257,6 +258,7 @@ class TrainConfig(Section):
     log_every_steps: int = Field(50, ge=1)
     early_stop_patience: int = Field(0, ge=0)
     calibrate: bool = True
+    test_tta: bool = False  # also test the best model on the mean softmax of each image and its flip: row "test_tta"
     cpu_threads: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"  # intra-op threads per CPU process
     max_time: Seconds = 0.0  # wall time of this process's run (a resumed run counts its own); 0 = no limit
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss: stop (exit 1), or skip that optimizer step

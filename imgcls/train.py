@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .calibration import calibrate_artifact
 from .data import make_datasets, make_loader, train_sampler
-from .distributed import apply_cpu_threads, create_accelerator
+from .distributed import apply_cpu_threads, bf16_cpu_warning, create_accelerator
 from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
 from .ema import WeightEma
 from .gpu_decode import check_gpu_decode
@@ -379,6 +379,10 @@ class Trainer:
             test = self.evaluate("test")
             self.log_eval("test", s.best_epoch, test)
             results["test"] = scalars(test)
+            if r.train.test_tta:
+                test = evaluate(self.model, self.eval_loaders["test"], acc, self.plan.num_classes, flip_tta=True)
+                self.log_eval("test_tta", s.best_epoch, test)
+                results["test_tta"] = scalars(test)
         self.runlog.final_report(acc.unwrap_model(self.model), self.eval_loaders["val"].dataset, s.step)
         if r.export.formats and acc.is_main_process:  # with its parity check, as imgcls-export does
             from .export import main as export_main
@@ -387,8 +391,9 @@ class Trainer:
                                  "report": str(best_dir / "export" / "export_report.json")}
         if acc.is_main_process:
             write_json(self.run_dir / "results.json", results)
-        log.info("results: val top1 %.4f%s -> %s", results["val"]["top1"],
+        log.info("results: val top1 %.4f%s%s -> %s", results["val"]["top1"],
                  f", test top1 {results['test']['top1']:.4f}" if "test" in results else "",
+                 f", test_tta top1 {results['test_tta']['top1']:.4f}" if "test_tta" in results else "",
                  self.run_dir / "results.json")
         return 0
 
@@ -437,6 +442,8 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
     accelerator.project_configuration.logging_dir = str(run_dir / "tensorboard")
     log.info(plan.summary(recipe, accelerator.num_processes))
     log.info("precision in effect: %s on %s", accelerator.mixed_precision, accelerator.device)
+    if warning := bf16_cpu_warning(accelerator):
+        log.warning(warning)
     trainer = Trainer(recipe, accelerator, plan, run_dir, source)
     try:
         trainer.setup()

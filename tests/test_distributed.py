@@ -116,6 +116,21 @@ def test_bf16_training_run_logs_bf16_as_the_precision(tmp_path, image_folder):
     assert json.loads((run / "results.json").read_text())["test"]["top1"] >= 0.9
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_emulated(tmp_path, image_folder, monkeypatch):
+    import imgcls.distributed
+
+    recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
+    monkeypatch.setattr(imgcls.distributed, "cpu_has_native_bf16", lambda: False)
+    assert train_inprocess(recipe, 'train.mixed_precision="bf16"', "train.epochs=1") == 0
+    log = (only_run(tmp_path / "runs") / "train.log").read_text()
+    assert ("WARNING imgcls.train: [RANK 0] bf16 autocast on a CPU without bf16 instructions (AVX512-BF16 or AMX) is "
+            "emulated and usually slower than fp32 here; set train.mixed_precision=\"no\" on this machine") in log
+    monkeypatch.setattr(imgcls.distributed, "cpu_has_native_bf16", lambda: True)
+    assert train_inprocess(recipe, 'train.mixed_precision="bf16"', "train.epochs=1",
+                           f"checkpoint.output_dir={tmp_path / 'runs2'}") == 0
+    assert "bf16 autocast on a CPU" not in (only_run(tmp_path / "runs2") / "train.log").read_text()
+
+
 def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, image_folder, capsys):
     recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
     assert train_inprocess(recipe, 'train.mixed_precision="fp16"') == 2

@@ -24,6 +24,7 @@ FAMILIES = [
     ("small_cnn", {"norm": "group"}, 28, "head"),
     ("small_cnn", {"norm": "none"}, 28, "head"),
     ("small_cnn", {"blocks": 3}, 28, "head"),
+    ("fast_cnn", {}, 32, "head"),
     ("gem_resnet", {}, 32, "fc"),
     ("resnet18", {}, 32, "fc"),
     ("vgg11", {}, 32, "classifier"),

@@ -65,3 +65,23 @@ def test_scheduler_drives_the_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.1, 0.2, 0.2, 0.2])
+
+
+def test_backbone_lr_scale_puts_the_head_first_at_lr_and_the_backbone_at_the_scaled_lr():
+    net = _net()  # the head is the last Linear, net[4]
+    opt = build_optimizer(OptimConfig(name="sgd", lr=0.2, weight_decay=0.1, backbone_lr_scale=0.1), net)
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert ids == [{id(net[4].weight)}, {id(net[4].bias)}, {id(net[0].weight)},
+                   {id(p) for p in (net[0].bias, net[1].weight, net[1].bias, net[3].weight, net[3].bias)}]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.2, 0.02, 0.02])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0]
+    sched = build_scheduler(ScheduleConfig(name="cosine", warmup_epochs=1), opt, steps_per_epoch=4, total_steps=8)
+    opt.step()
+    sched.step()  # warm-up step 2 of 4: every group at half its own lr
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)  # what the trainer logs: the head's (the recipe's) lr
+
+
+def test_backbone_lr_scale_of_one_keeps_the_single_lr_groups():
+    opt = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, backbone_lr_scale=1.0), _net())
+    assert len(opt.param_groups) == 2 and {g["lr"] for g in opt.param_groups} == {0.01}
