@@ -1,5 +1,6 @@
 """How close the trainer comes to its own model's speed: the recipe's model in a bare loop on tensors already in
-memory (the ceiling) against the trainer on the recipe, interleaved A, B, A, B in one run.
+memory (the ceiling) against the trainer on the recipe, interleaved A, B, A, B in one run. The bare loop takes
+the recipe's `train.channels_last` and `train.mixed_precision = "bf16"` (CPU autocast) as the trainer does.
 
     HF_HUB_OFFLINE=1 python benchmarks/ceiling.py recipes/mnist.toml [section.key=value ...] [--rounds 2]
         [--steps 150] [--threads N]
@@ -38,12 +39,17 @@ def bare_loop(recipe, num_classes: int, steps: int, threads: int) -> float:
     torch.manual_seed(0)
     data, batch = recipe.data, recipe.train.global_batch_size // recipe.train.grad_accum_steps
     model = build_model(recipe.model, num_classes, data.channels, tuple(data.image_size)).train()
-    optimizer = build_optimizer(recipe.optim, model)
     images = torch.randn(batch, data.channels, *data.image_size)
+    if recipe.train.channels_last:  # as the recipe trains
+        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    optimizer = build_optimizer(recipe.optim, model)
     labels = torch.randint(0, num_classes, (batch,))
+    bf16 = recipe.train.mixed_precision == "bf16"
 
     def step() -> None:
-        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=recipe.train.label_smoothing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.train.label_smoothing)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
