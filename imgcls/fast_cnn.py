@@ -8,7 +8,8 @@ published CIFAR-10 trainer: 94 % in 10 epochs on a GPU), kept to its plain archi
 Each 3x3 convolution starts as identity on its first input-count channels (airbench's Dirac init), so the net
 starts close to a shallow one. Not taken from airbench: its frozen whitening first layer (fitted to the
 training images), Lookahead and its own optimizer scaling; those belong to a training loop, not a model.
-Widths (32, 128, 128) train CIFAR-10 at ~850 images/s on 2 CPU cores; airbench94's own are (64, 256, 256).
+Widths (32, 128, 128) train CIFAR-10 at ~850 images/s on 2 CPU cores in fp32 with channels-last, ~1,300 in bf16
+on a CPU with AVX512-BF16; airbench94's own widths are (64, 256, 256): ~270 / ~460 images/s.
 """
 from __future__ import annotations
 

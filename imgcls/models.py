@@ -1,8 +1,9 @@
 """The model registry (`[model]` in a recipe): build by name; initial weights and freezing are in `weights.py`.
 
 Names: `small_cnn` (ours, for MNIST-size input), `fast_cnn` (ours, for CIFAR-size input, see `imgcls.fast_cnn`),
-`gem_resnet` (the original tool's GeM-pooling ResNet, see `imgcls.gem`), every torchvision classification model (`resnet18`, `vit_b_16`, ...) and every timm model as
-`timm:<name>` (`timm:convnext_tiny`, `timm:resnet18.a1_in1k`; see `imgcls.timm_models`). Built freshly
+`gem_resnet` (the original tool's GeM-pooling ResNet, see `imgcls.gem`), every torchvision classification model
+(`resnet18`, `vit_b_16`, ...) and every timm model as `timm:<name>` (`timm:convnext_tiny`,
+`timm:resnet18.a1_in1k`; see `imgcls.timm_models`). Built freshly
 initialised, or with `[model] pretrained` weights (see `imgcls.pretrained`); `[model] weights` brings weights
 from a file instead. The first convolution is adapted to the input's channel count, and each model's classifier
 is found by `classifier_prefix`, so "backbone" means everything else. List the names from the shell with
