@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,13 +82,27 @@ def trainer(recipe_path: str, overrides: list[str], steps: int, threads: int, ou
             statistics.median(r["data_wait_fraction"] for r in windows))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def round_args(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments every interleaved bare-loop benchmark takes: recipe, overrides, rounds, steps, threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    return p
+
+
+def write_rounds(kind: str, name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    """benchmarks/out/<kind>_<recipe name>.json: the command's arguments and every round."""
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{kind}_{name}.json").write_text(json.dumps(
+        {"recipe": args.recipe, "overrides": args.overrides, "threads": args.threads, "rounds": rows}, indent=2))
+
+
+def main(argv=None) -> int:
+    p = round_args(__doc__, steps=150)
     p.add_argument("--bare", action="store_true", help="only the bare loop, in this process; prints images/s")
     args = p.parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -107,10 +122,7 @@ def main(argv=None) -> int:
     ratios = [r["ratio"] for r in rows]
     print(f"{recipe.name}: ratio trainer / ceiling {min(ratios):.2f}-{max(ratios):.2f} over {args.rounds} rounds, "
           f"{args.threads} threads, {args.steps} steps each")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"ceiling_{recipe.name}.json").write_text(json.dumps(
-        {"recipe": args.recipe, "overrides": args.overrides, "threads": args.threads, "rounds": rows}, indent=2))
+    write_rounds("ceiling", recipe.name, args, rows)
     return 0
 
 

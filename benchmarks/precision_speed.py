@@ -8,25 +8,15 @@ drifts). Writes benchmarks/out/precision_<name>.json. A CPU without AVX512-BF16/
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from ceiling import bare_loop_process
+from ceiling import bare_loop_process, round_args, write_rounds
 
 from imgcls.recipe import load_recipe
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    args = p.parse_intermixed_args(argv)
+    args = round_args(__doc__, steps=20).parse_intermixed_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     rows = []
     for k in range(args.rounds):
@@ -38,10 +28,7 @@ def main(argv=None) -> int:
     print(f"{recipe.name} ({recipe.model.name}, batch {recipe.train.global_batch_size}, channels_last "
           f"{recipe.train.channels_last}): bf16 / fp32 {min(r['ratio'] for r in rows):.2f}-"
           f"{max(r['ratio'] for r in rows):.2f} over {args.rounds} rounds, {args.threads} threads")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"precision_{recipe.name}.json").write_text(json.dumps(
-        {"recipe": args.recipe, "overrides": args.overrides, "threads": args.threads, "rounds": rows}, indent=2))
+    write_rounds("precision", recipe.name, args, rows)
     return 0
 
 
