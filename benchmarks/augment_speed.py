@@ -19,9 +19,9 @@ import time
 import torch
 from PIL import Image
 
-from imgcls.augment import BatchAugment
+from imgcls.data.augment import BatchAugment
 from imgcls.recipe import AugmentConfig
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 CASES = [  # name, (channels, size), augment settings
     ("cifar-like 3x32x32, pad 4 + flip", (3, 32), AugmentConfig(crop_padding=4, hflip=0.5)),

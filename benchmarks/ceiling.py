@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from imgcls.data import build_splits
-from imgcls.models import build_model
-from imgcls.optim import build_optimizer
+from imgcls.data.loaders import build_splits
+from imgcls.models.registry import build_model
+from imgcls.training.optim import build_optimizer
 from imgcls.recipe import load_recipe
 
 

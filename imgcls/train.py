@@ -24,27 +24,27 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .calibration import calibrate_artifact
-from .data import make_datasets, make_loader, train_sampler
-from .distributed import apply_cpu_threads, bf16_cpu_warning, create_accelerator
-from .exitcodes import EXIT_PREEMPTED, EXIT_USAGE
-from .ema import WeightEma
-from .gpu_decode import check_gpu_decode
-from .guards import Deadline, NonFiniteGuard, NonFiniteLoss, nonfinite_message
-from .imbalance import class_weights, describe_weights, split_labels
-from .metrics import evaluate, per_class_accuracy, scalars
-from .plan import Plan, make_plan
-from .preflight import PreflightError
-from .optim import build_optimizer, build_scheduler
-from .recipe import Recipe, RecipeError, TrainConfig, recipe_to_toml
-from .runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
-from .shard_cache import ShardError
-from .signals import StopSignal, resume_command
-from .sources import DataError
-from .tracking import RunLog
-from .transforms import Preprocess, batch_mix
-from .weights import set_train_mode
+from imgcls.training import checkpoint as ckpt
+from imgcls.training.calibration import calibrate_artifact
+from imgcls.data.loaders import make_datasets, make_loader, train_sampler
+from imgcls.training.distributed import apply_cpu_threads, bf16_cpu_warning, create_accelerator
+from imgcls.exitcodes import EXIT_PREEMPTED, EXIT_USAGE
+from imgcls.training.ema import WeightEma
+from imgcls.data.gpu_decode import check_gpu_decode
+from imgcls.training.guards import Deadline, NonFiniteGuard, NonFiniteLoss, nonfinite_message
+from imgcls.data.imbalance import class_weights, describe_weights, split_labels
+from imgcls.training.metrics import evaluate, per_class_accuracy, scalars
+from imgcls.training.plan import Plan, make_plan
+from imgcls.training.preflight import PreflightError
+from imgcls.training.optim import build_optimizer, build_scheduler
+from imgcls.recipe import Recipe, RecipeError, TrainConfig, recipe_to_toml
+from imgcls.training.runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
+from imgcls.data.shard_cache import ShardError
+from imgcls.training.signals import StopSignal, resume_command
+from imgcls.data.sources import DataError
+from imgcls.tracking.runlog import RunLog
+from imgcls.data.transforms import Preprocess, batch_mix
+from imgcls.models.weights import set_train_mode
 
 log = get_logger(__name__)
 STOP_CHECK_STEPS = 10  # with several processes, a stop signal is acted on within this many optimizer steps
@@ -385,7 +385,7 @@ class Trainer:
                 results["test_tta"] = scalars(test)
         self.runlog.final_report(acc.unwrap_model(self.model), self.eval_loaders["val"].dataset, s.step)
         if r.export.formats and acc.is_main_process:  # with its parity check, as imgcls-export does
-            from .export import main as export_main
+            from imgcls.inference.export import main as export_main
 
             results["export"] = {"passed": export_main([str(best_dir)]) == 0,
                                  "report": str(best_dir / "export" / "export_report.json")}

@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 
 import yaml
 
-from imgcls.pool import usable_cores
-from imgcls.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout
+from imgcls.data.pool import usable_cores
+from imgcls.training.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout
 from imgcls.recipe import Recipe, RecipeError, load_recipe, per_device_batch
 from launcher.supervise import run_accelerate
 

@@ -21,7 +21,7 @@ import threading
 import psutil
 
 from imgcls.exitcodes import EXIT_PREEMPTED
-from imgcls.preflight import Expected, rendezvous_failure_message
+from imgcls.training.preflight import Expected, rendezvous_failure_message
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from imgcls.checkpoint import MARKER, complete_checkpoints
+from imgcls.training.checkpoint import MARKER, complete_checkpoints
 from imgcls.train import main as train_main
 
 VOLATILE = {"time", "images_per_s", "data_wait_fraction"}

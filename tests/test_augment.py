@@ -1,4 +1,4 @@
-"""Batched augmentation (imgcls/augment.py): the counter-based RNG, the per-sample guarantee, each op against
+"""Batched augmentation (imgcls/data/augment.py): the counter-based RNG, the per-sample guarantee, each op against
 torchvision, and evaluation normalize.
 
     .venv/bin/python -m pytest -q tests/test_augment.py
@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from imgcls import augment as A
-from imgcls.augment import BatchAugment, counter_uniform, normalize
+from imgcls.data import augment as A
+from imgcls.data.augment import BatchAugment, counter_uniform, normalize
 from imgcls.recipe import AugmentConfig
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 ALL_ON = AugmentConfig(random_resized_crop=True, scale=(0.3, 1.0), crop_padding=3, hflip=0.5, rotation=20.0,
                        color_jitter=0.4)  # as train_transform, crop_padding is not used with a resized crop

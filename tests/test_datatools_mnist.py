@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, needs_real_data
-from imgcls.data import build_splits
-from imgcls.datatools import mnist
-from imgcls.datatools.cli import main
+from imgcls.data.loaders import build_splits
+from imgcls.data.tools import mnist
+from imgcls.data.tools.cli import main
 from imgcls.recipe import DataConfig
 
 NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, needs_real_data
-from imgcls.data import build_splits
-from imgcls.datatools.cli import main
-from imgcls.datatools.stats import channel_stats
+from imgcls.data.loaders import build_splits
+from imgcls.data.tools.cli import main
+from imgcls.data.tools.stats import channel_stats
 from imgcls.recipe import DataConfig
-from imgcls.store import Framer
-from imgcls.transforms import Preprocess
+from imgcls.data.store import Framer
+from imgcls.data.transforms import Preprocess
 
 SIZE = 8  # the working size: constant images of any size resize to exactly their colour, noise is made at it
 

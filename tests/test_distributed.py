@@ -91,8 +91,8 @@ def test_two_node_job_on_loopback_completes_with_one_run_dir(tmp_path, no_bn_rec
 
 
 def test_bf16_on_cpu_runs_convolutions_in_bfloat16():
-    from imgcls.distributed import create_accelerator
-    from imgcls.models import build_model
+    from imgcls.training.distributed import create_accelerator
+    from imgcls.models.registry import build_model
     from imgcls.recipe import ModelConfig, TrainConfig
 
     accelerator = create_accelerator(TrainConfig(mixed_precision="bf16"), seed=0)
@@ -117,15 +117,15 @@ def test_bf16_training_run_logs_bf16_as_the_precision(tmp_path, image_folder):
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_emulated(tmp_path, image_folder, monkeypatch):
-    import imgcls.distributed
+    import imgcls.training.distributed
 
     recipe = write_recipe(tmp_path / "t.toml", f'source = "folder"\nroot = "{image_folder}"')
-    monkeypatch.setattr(imgcls.distributed, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(imgcls.training.distributed, "cpu_has_native_bf16", lambda: False)
     assert train_inprocess(recipe, 'train.mixed_precision="bf16"', "train.epochs=1") == 0
     log = (only_run(tmp_path / "runs") / "train.log").read_text()
     assert ("WARNING imgcls.train: [RANK 0] bf16 autocast on a CPU without bf16 instructions (AVX512-BF16 or AMX) is "
             "emulated and usually slower than fp32 here; set train.mixed_precision=\"no\" on this machine") in log
-    monkeypatch.setattr(imgcls.distributed, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(imgcls.training.distributed, "cpu_has_native_bf16", lambda: True)
     assert train_inprocess(recipe, 'train.mixed_precision="bf16"', "train.epochs=1",
                            f"checkpoint.output_dir={tmp_path / 'runs2'}") == 0
     assert "bf16 autocast on a CPU" not in (only_run(tmp_path / "runs2") / "train.log").read_text()
@@ -166,7 +166,7 @@ def test_resume_on_another_process_count_keeps_the_global_batch_and_the_data_pos
 
 
 def test_cpu_threads_auto_shares_the_cores_between_local_processes():
-    from imgcls.distributed import cpu_threads
+    from imgcls.training.distributed import cpu_threads
 
     assert cpu_threads("auto", cores=2, local_processes=1) == 2
     assert cpu_threads("auto", cores=2, local_processes=2) == 1
@@ -212,7 +212,7 @@ def test_cpu_threads_work_without_sched_getaffinity(monkeypatch):
     """macOS and Windows have no os.sched_getaffinity: the core count falls back to os.cpu_count()."""
     import os
 
-    from imgcls.distributed import cpu_threads
+    from imgcls.training.distributed import cpu_threads
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)

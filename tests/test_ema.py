@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import write_recipe
 from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, metrics_rows, only_run,
                      train_inprocess, weights)
-from imgcls.checkpoint import complete_checkpoints
-from imgcls.ema import WeightEma
+from imgcls.training.checkpoint import complete_checkpoints
+from imgcls.training.ema import WeightEma
 
 
 def test_two_updates_match_the_hand_computation_with_warmup_and_average_the_float_buffers():

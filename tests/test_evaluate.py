@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
-from imgcls.calibration import calibrate, ece, fit_temperature, softmax
-from imgcls.evaluate import main as eval_main, per_class_scores
+from imgcls.training.calibration import calibrate, ece, fit_temperature, softmax
+from imgcls.inference.evaluate import main as eval_main, per_class_scores
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_temperature_that_improves_ece_is_kept(caplog):
 
 
 def test_calibrate_artifact_writes_t_1_and_both_eces_when_the_fit_would_hurt(tmp_path):
-    from imgcls.calibration import calibrate_artifact
+    from imgcls.training.calibration import calibrate_artifact
 
     (tmp_path / "config.json").write_text(json.dumps({"class_names": ["a", "b"], "temperature": 1.0}))
     logits, labels = ece_worsened_by_fit()

@@ -1,11 +1,11 @@
-"""fast_cnn (imgcls.fast_cnn): the architecture it promises, its Dirac start, and its errors."""
+"""fast_cnn (imgcls.models.fast_cnn): the architecture it promises, its Dirac start, and its errors."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from imgcls.models import build_model, count_parameters
+from imgcls.models.registry import build_model, count_parameters
 from imgcls.recipe import ModelConfig, RecipeError
 
 

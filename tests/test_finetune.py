@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_recipe
 from helpers import only_run, train_inprocess, weights
-from imgcls.models import build_model
+from imgcls.models.registry import build_model
 from imgcls.recipe import ModelConfig
 
 

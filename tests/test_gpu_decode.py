@@ -1,4 +1,4 @@
-"""data.decode = "gpu" (imgcls/gpu_decode.py): workers hand over JPEG bytes, the main process decodes a batch on
+"""data.decode = "gpu" (imgcls/data/gpu_decode.py): workers hand over JPEG bytes, the main process decodes a batch on
 the device. Everything but nvJPEG itself runs here on the CPU: which items travel as bytes, that the batch
 decoded with torchcodec equals the CPU path's pixels where no resize is needed, and the refusals."""
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from conftest import write_recipe
-from imgcls.data import build_splits, make_datasets
-from imgcls.gpu_decode import EncodedBatch, EncodedImages, decode_batch
+from imgcls.data.loaders import build_splits, make_datasets
+from imgcls.data.gpu_decode import EncodedBatch, EncodedImages, decode_batch
 from imgcls.recipe import DataConfig, RecipeError, load_recipe
-from imgcls.store import DecodingImages
+from imgcls.data.store import DecodingImages
 from imgcls.train import main as train_main
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 pytest.importorskip("torchcodec.decoders", reason="torchcodec is in the dev extra (pip install -e '.[dev]')")
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import write_recipe
 from helpers import metrics_rows, only_run, train_inprocess, weights
-from imgcls import guards
-from imgcls.checkpoint import complete_checkpoints
-from imgcls.models import SmallCNN
+from imgcls.training import guards
+from imgcls.training.checkpoint import complete_checkpoints
+from imgcls.models.registry import SmallCNN
 from imgcls.recipe import RecipeError, TrainConfig, load_recipe
 
 pytestmark = pytest.mark.slow

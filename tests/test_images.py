@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import write_class_folders
-from imgcls.data import build_splits, make_datasets
-from imgcls.images import check_image, open_image
+from imgcls.data.loaders import build_splits, make_datasets
+from imgcls.data.images import check_image, open_image
 from imgcls.recipe import DataConfig
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 ORIENTATION = 0x0112
 SPEC = dict(image_size=(8, 8), channels=3, mean=[0.5] * 3, std=[0.5] * 3)
@@ -82,7 +82,7 @@ def test_training_data_is_upright_from_folder_list_and_hub_rows(tmp_path, sidewa
 
 
 def test_predict_preprocessing_sees_the_photo_upright(sideways_png):
-    from imgcls.predict import prepare, read_views
+    from imgcls.inference.predict import prepare, read_views
 
     pre = Preprocess.from_data(DataConfig(source="hub", dataset="x", **SPEC)).to_dict()
     views = read_views(str(sideways_png), pre)
@@ -91,7 +91,7 @@ def test_predict_preprocessing_sees_the_photo_upright(sideways_png):
 
 
 def test_export_parity_images_are_upright(tmp_path, sideways_png):
-    from imgcls.export import parity_images
+    from imgcls.inference.export import parity_images
 
     (tmp_path / "parity").mkdir()
     sideways_png.rename(tmp_path / "parity" / "phone.png")

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import write_class_folders
 from helpers import subprocess_env
-from imgcls.data import build_splits, make_datasets, make_loader
+from imgcls.data.loaders import build_splits, make_datasets, make_loader
 from imgcls.recipe import AugmentConfig, DataConfig
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 SAMPLE, EPOCH = 5, 1
 AUGMENT = AugmentConfig(crop_padding=2, hflip=0.5, rotation=10.0, color_jitter=0.3)
@@ -89,7 +89,7 @@ def test_two_processes_give_each_sample_the_pixels_one_process_gives(rgb_folder,
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         from accelerate import Accelerator
-        from imgcls.data import build_splits, make_datasets, make_loader
+        from imgcls.data.loaders import build_splits, make_datasets, make_loader
         from imgcls.recipe import AugmentConfig, DataConfig
         cfg = DataConfig(source="folder", root={str(rgb_folder)!r}, image_size=(16, 16), channels=3,
                          cache="memory", augment=AugmentConfig(crop_padding=2, hflip=0.5, rotation=10.0,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_class_folders
-from imgcls.data import build_splits
+from imgcls.data.loaders import build_splits
 from imgcls.recipe import DataConfig
-from imgcls.sources import DataError
+from imgcls.data.sources import DataError
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
 FOOTER = "Fix these labels, or set data.allow_rare_classes = true to train with these classes."
@@ -36,7 +36,7 @@ def rows(classes: str, numbers: range, label=lambda c: c) -> list[str]:
 
 
 def test_the_threshold_is_a_handful():
-    from imgcls.labels import MIN_IMAGES_PER_CLASS
+    from imgcls.data.labels import MIN_IMAGES_PER_CLASS
 
     assert MIN_IMAGES_PER_CLASS == 5
 
@@ -194,9 +194,9 @@ def test_a_class_name_that_cannot_be_a_label_is_refused_before_training(tmp_path
     """Refused at the start, not at the first artifact save."""
     from PIL import Image
 
-    from imgcls.data import build_splits
+    from imgcls.data.loaders import build_splits
     from imgcls.recipe import DataConfig
-    from imgcls.split import DataError
+    from imgcls.data.split import DataError
 
     lines = []
     for k in range(12):

@@ -15,7 +15,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from imgcls.preflight import Expected, PreflightError, preflight_timeout, rendezvous_failure_message
+from imgcls.training.preflight import Expected, PreflightError, preflight_timeout, rendezvous_failure_message
 from imgcls.recipe import RecipeError, load_recipe
 from launcher import launch
 from launcher.launch import (PLACEHOLDER_ADDRESS, SHUTDOWN_ENV, SHUTDOWN_TIMEOUT_S, build_command, expand_nodelist,
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 PROBE = '''import sys
-from imgcls.preflight import init_distributed_state
+from imgcls.training.preflight import init_distributed_state
 init_distributed_state()
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -167,7 +167,7 @@ def test_launch_refusals(capsys, recipe, argv, message):
 def test_a_batch_that_does_not_divide_is_refused_before_anything_starts(capfd, recipe, monkeypatch, argv, world,
                                                                         check):
     """The trainer's own message (per_device_batch), and no process started: not even --check full's dry run."""
-    from imgcls.distributed import per_device_batch
+    from imgcls.training.distributed import per_device_batch
 
     started = []
     for module, name in ((subprocess, "Popen"), (os, "execve")):
@@ -439,7 +439,8 @@ def lonely(tmp_path_factory) -> dict[str, Lonely]:
     tmp = tmp_path_factory.mktemp("lonely")
     recipe = tmp / "t.toml"
     recipe.write_text('name = "t"\n[data]\nsource = "folder"\nroot = "/tmp/x"\n')
-    (tmp / "lonely.py").write_text("from imgcls.preflight import init_distributed_state\ninit_distributed_state(10)\n")
+    (tmp / "lonely.py").write_text("from imgcls.training.preflight import init_distributed_state\n"
+                                   "init_distributed_state(10)\n")
     clean = {k: v for k, v in subprocess_env(tmp).items() if not k.startswith(("SLURM_", "MASTER_"))}
     machine, worker = free_port(), free_port()
     started = {

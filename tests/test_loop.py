@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_recipe
 from helpers import assert_same_weights, metrics_rows, only_run, stable_rows, train_inprocess, weights
-from imgcls.checkpoint import complete_checkpoints
-from imgcls.signals import StopSignal
+from imgcls.training.checkpoint import complete_checkpoints
+from imgcls.training.signals import StopSignal
 from imgcls.train import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_a_step_is_checkpointed_once_even_when_a_stop_and_the_period_coincide(tm
                                                                                 caplog):
     recipe = _recipe(tmp_path, image_folder, "b", checkpoint="every_steps = 3")
     stop_at(6)
-    with caplog.at_level(logging.INFO, logger="imgcls.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="imgcls.training.checkpoint"):
         assert train_inprocess(recipe) == EXIT_PREEMPTED
     saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint at step")]
     assert [m.split(" -> ")[0] for m in saved] == ["checkpoint at step 3", "checkpoint at step 6"]

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgcls.models import available_models
-from imgcls.models import main as models_main
+from imgcls.models.registry import available_models
+from imgcls.models.registry import main as models_main
 from imgcls.recipe import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,4 +34,4 @@ def test_runs_as_a_module_and_is_a_console_script():
                          timeout=120)
     assert (run.returncode, run.stdout) == (0, "small_cnn\n"), run.stderr
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["imgcls-models"] == "imgcls.models:main"
+    assert scripts["imgcls-models"] == "imgcls.models.registry:main"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgcls.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from imgcls.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from imgcls.recipe import OptimConfig, ScheduleConfig
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from conftest import write_recipe
 from helpers import only_run, train_inprocess
-from imgcls.plots import main as plot_main
+from imgcls.tracking.plots import main as plot_main
 from imgcls.recipe import load_recipe
-from imgcls.tracking import RunLog
+from imgcls.tracking.runlog import RunLog
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two default colours
 
@@ -110,7 +110,7 @@ def test_plots_false_writes_no_png(tmp_path, image_folder):
 
 @pytest.mark.parametrize("classes", [3, 30])
 def test_confusion_plot_scales_with_the_number_of_classes(tmp_path, classes):
-    from imgcls.plots import confusion_figure, render, save_png
+    from imgcls.tracking.plots import confusion_figure, render, save_png
 
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 5, (classes, classes)) + np.eye(classes, dtype=int) * 20
@@ -123,8 +123,7 @@ def test_confusion_plot_scales_with_the_number_of_classes(tmp_path, classes):
 @pytest.fixture
 def fake_fonts(monkeypatch):
     """The default font has ASCII only; 'Other' has 猫; 'Noto Sans CJK JP' has 猫 and 犬; nobody has ᚠ."""
-    from imgcls import fonts
-
+    from imgcls.tracking import fonts
     charmaps = {"/default.ttf": set(map(ord, "abc: ")), "/other.ttf": {ord("猫")},
                 "/noto.ttf": set(map(ord, "猫犬")), "/lastresort.ttf": set(range(0x110000))}
     monkeypatch.setattr(fonts, "_default_font", lambda: "/default.ttf")
@@ -163,7 +162,7 @@ def test_missing_glyphs_are_warned_about_once(fake_fonts, caplog, monkeypatch):
 def test_class_names_outside_the_default_font_are_drawn_with_a_font_that_has_them(tmp_path):
     """Ⓐ and Ⓑ are not in DejaVu Sans (matplotlib's default) but are in STIXGeneral (shipped with matplotlib):
     drawn as glyphs the two confusion plots differ; drawn as empty boxes they would be identical."""
-    from imgcls.plots import confusion_figure, gallery_figure, render
+    from imgcls.tracking.plots import confusion_figure, gallery_figure, render
 
     a, b = (render(confusion_figure([[3, 1], [0, 4]], [name, "x"], "val")) for name in ("Ⓐ", "Ⓑ"))
     assert a.shape == b.shape and (a != b).any()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from imgcls.pool import map_chunks
-from imgcls.split import DataError
+from imgcls.data.pool import map_chunks
+from imgcls.data.split import DataError
 
 
 def pid_and_square(shared, chunk):

@@ -15,10 +15,10 @@ from PIL import Image
 
 from conftest import REPO, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
-from imgcls.export import main as export_main
-from imgcls.checkpoint import load_artifact, save_artifact
-from imgcls.predict import main as predict_main, prepare, read_views, sort_into
-from imgcls.transforms import Preprocess
+from imgcls.inference.export import main as export_main
+from imgcls.training.checkpoint import load_artifact, save_artifact
+from imgcls.inference.predict import main as predict_main, prepare, read_views, sort_into
+from imgcls.data.transforms import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_inputs_by_file_glob_and_missing_path(models, tmp_path):
 
 
 def test_tta_averages_softmax_of_image_and_flip(models, tmp_path):
-    """The expectation is built without imgcls.predict: the trainer's torchvision eval transform, torch.flip on
-    the width axis, the eager model, softmax at the artifact's temperature, mean of the two."""
+    """The expectation is built without imgcls.inference.predict: the trainer's torchvision eval transform,
+    torch.flip on the width axis, the eager model, softmax at the artifact's temperature, mean of the two."""
     import torch
 
     best, onnx_file, images = models
@@ -244,16 +244,17 @@ def test_a_bug_outside_image_decoding_is_not_reported_as_a_bad_image(models, tmp
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in our preprocessing")
-    monkeypatch.setattr("imgcls.predict.prepare", broken)
+    monkeypatch.setattr("imgcls.inference.predict.prepare", broken)
     with pytest.raises(RuntimeError, match="a bug in our preprocessing"):
         predict_main([str(onnx_file), str(images / "a" / "0000.png"), "--output", str(tmp_path / "p.csv")])
 
 
 def test_onnx_path_needs_neither_torch_nor_training_code(models, tmp_path):
     _, onnx_file, images = models
-    code = (f"import sys; from imgcls.predict import main; "
+    code = (f"import sys; from imgcls.inference.predict import main; "
             f"rc = main([{str(onnx_file)!r}, {str(images)!r}, '--output', {str(tmp_path / 'p.csv')!r}]); "
-            f"loaded = [m for m in ('torch', 'torchvision', 'imgcls.models', 'imgcls.train') if m in sys.modules]; "
+            f"loaded = [m for m in ('torch', 'torchvision', 'imgcls.models.registry', 'imgcls.train') "
+            f"if m in sys.modules]; "
             f"assert rc == 0 and not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr

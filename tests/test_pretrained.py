@@ -21,14 +21,14 @@ from huggingface_hub import constants as hf_constants
 from torch import nn
 
 from conftest import write_class_folders
-from imgcls import pretrained
-from imgcls.models import build_model, check_model_args
-from imgcls.plan import make_plan
-from imgcls.pretrained import WeightsError, pretrained_preprocess
+from imgcls.models import pretrained
+from imgcls.models.registry import build_model, check_model_args
+from imgcls.training.plan import make_plan
+from imgcls.models.pretrained import WeightsError, pretrained_preprocess
 from imgcls.recipe import ModelConfig, RecipeError, load_recipe, recipe_to_toml
 from imgcls.train import main as train_main
-from imgcls.transforms import Preprocess
-from imgcls.weights import load_weights
+from imgcls.data.transforms import Preprocess
+from imgcls.models.weights import load_weights
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NUM_CLASSES = 10
@@ -406,7 +406,7 @@ def test_the_plan_runs_the_resolved_recipe(hf_cache, timm_resnet18, tmp_path, ca
     path.write_text(f'name = "r"\n[data]\nsource = "folder"\nroot = "{tmp_path / "imgs"}"\nstd = [0.5, 0.5, 0.5]\n'
                     '[model]\nname = "timm:resnet18.a1_in1k"\npretrained = true\ntrain_mode = "finetune"\n'
                     '[train]\nglobal_batch_size = 4\n')
-    with caplog.at_level(logging.WARNING, logger="imgcls.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="imgcls.models.pretrained"):
         plan = make_plan(load_recipe(path), world_size=1)
     assert "data.std = [0.5, 0.5, 0.5] differs from timm:resnet18.a1_in1k's pretrained std [0.229, 0.224, 0.225]; " \
            "keeping the recipe's" in caplog.text

@@ -291,7 +291,7 @@ def test_shipped_recipe_validates_and_names_its_run_command(path):
     assert lines[0].startswith("# ")
     header = [line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
     assert any(f"imgcls.train recipes/{path.name}" in line for line in header), header
-    from imgcls.models import build_model  # the model's own arguments are checked when it is built
+    from imgcls.models.registry import build_model  # the model's own arguments are checked when it is built
 
     # the architecture as shipped; pretrained weights are not downloaded here (tests/test_pretrained.py loads them)
     model = build_model(r.model.model_copy(update={"pretrained": False}), 10, r.data.channels, r.data.image_size)

@@ -13,7 +13,7 @@ import torch
 from conftest import write_recipe
 from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, only_run, stable_rows,
                      subprocess_env, train_cmd, train_inprocess, wait_for_checkpoint, weights)
-from imgcls.checkpoint import MARKER, complete_checkpoints, find_resume
+from imgcls.training.checkpoint import MARKER, complete_checkpoints, find_resume
 from imgcls.recipe import RecipeError, load_recipe
 from imgcls.train import EXIT_PREEMPTED
 
@@ -148,7 +148,7 @@ def test_resume_auto_goes_by_completion_time_not_folder_time(tmp_path):
 
 
 def test_pruning_renames_before_deleting(tmp_path):
-    from imgcls.checkpoint import prune_checkpoints
+    from imgcls.training.checkpoint import prune_checkpoints
 
     run = tmp_path / "run"
     for step in (3, 6, 9):
@@ -162,8 +162,8 @@ def test_pruning_renames_before_deleting(tmp_path):
 
 def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
     """replace_dir renames best -> .best.old, then .best.tmp -> best; a kill in between leaves only .best.old."""
-    from imgcls.checkpoint import load_artifact, save_artifact
-    from imgcls.models import build_model
+    from imgcls.training.checkpoint import load_artifact, save_artifact
+    from imgcls.models.registry import build_model
     from imgcls.recipe import ModelConfig
 
     model = build_model(ModelConfig(name="small_cnn", args={"width": 4}), 3, 1, (8, 8))
@@ -187,7 +187,7 @@ def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
 
 def test_processes_that_see_different_checkpoints_are_refused():
     """Nodes without a shared filesystem find different checkpoints (or none): resuming would mix states."""
-    from imgcls.runinfo import resume_consensus
+    from imgcls.training.runinfo import resume_consensus
 
     ckpt = "runs/tiny/20260101-000000/checkpoints/step-0000012"
     assert resume_consensus([(0, ckpt, ""), (1, ckpt, "")]) == ckpt
@@ -205,7 +205,7 @@ def test_processes_that_see_different_checkpoints_are_refused():
 def test_the_printed_resume_command_repeats_the_launcher_with_the_run_folder(tmp_path, monkeypatch):
     """The parent's command line says how the run was launched; the printed command repeats that launcher
     (paths made absolute, so it works from any folder) and names the run, whose own recipe it then uses."""
-    from imgcls.signals import resume_command
+    from imgcls.training.signals import resume_command
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.yaml").write_text("x: 1")

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_class_folders
-from imgcls.data import build_splits, make_datasets
+from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.recipe import DataConfig
-from imgcls.sources import DataError
+from imgcls.data.sources import DataError
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
 FOOTER = 'Fix or remove them, or set data.on_bad_image = "skip" to leave them out.'
@@ -47,7 +47,7 @@ def broken(tmp_path) -> Path:
 
 @pytest.mark.parametrize("chunk", [256, 2])  # one chunk per split, or many: each split checked across processes
 def test_every_broken_file_and_empty_class_folder_in_one_error(broken, chunk, monkeypatch):
-    monkeypatch.setattr("imgcls.scan.CHUNK", chunk)
+    monkeypatch.setattr("imgcls.data.scan.CHUNK", chunk)
     with pytest.raises(DataError) as e:
         build_splits(folder_cfg(broken, "error"))
     lines = str(e.value).split("\n")
@@ -117,11 +117,11 @@ def test_an_image_that_breaks_after_the_check_is_named_when_read(tmp_path):
 def test_the_check_is_not_repeated_for_unchanged_images_and_is_for_changed_ones(broken, monkeypatch):
     """A second run over the same files reads the check's result from the cache folder; a file whose size or
     mtime changed is checked again (here: the broken PNG replaced by a good one)."""
-    from imgcls.sources import FileImages
+    from imgcls.data.sources import FileImages
 
     calls = []
     original = FileImages.check
-    monkeypatch.setattr("imgcls.pool.pool_size", lambda: 1)  # decode here, where `calls` is seen
+    monkeypatch.setattr("imgcls.data.pool.pool_size", lambda: 1)  # decode here, where `calls` is seen
     monkeypatch.setattr(FileImages, "check", lambda self, i: calls.append(i) or original(self, i))
     first = build_splits(folder_cfg(broken, "skip"))
     assert len(calls) == 27  # train 18 + 2 broken, val 6 + 1 broken

@@ -1,4 +1,4 @@
-"""The shard-local training order (imgcls.shard_order.ShardOrderSampler), alone and under accelerate's sharding.
+"""The shard-local training order (imgcls.data.shard_order.ShardOrderSampler), alone and under accelerate's sharding.
 
     .venv/bin/python -m pytest -q tests/test_shard_order.py
 """
@@ -12,10 +12,10 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
-from imgcls.data import make_loader
+from imgcls.data.loaders import make_loader
 from imgcls.recipe import DataConfig
-from imgcls.shard_order import ShardOrderSampler
-from imgcls.store import keep_batch
+from imgcls.data.shard_order import ShardOrderSampler
+from imgcls.data.store import keep_batch
 
 COUNTS = [7, 5, 9, 3, 6]  # N = 30
 

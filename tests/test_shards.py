@@ -1,5 +1,5 @@
-"""Shards: the writer (`imgcls-data shard`), the reader (imgcls.shards, over a folder and over HTTP), the remote
-cache (imgcls.shard_cache) and the disk-cache key of a shard split (imgcls.fingerprint).
+"""Shards: the writer (`imgcls-data shard`), the reader (imgcls.data.shards, over a folder and over HTTP), the remote
+cache (imgcls.data.shard_cache) and the disk-cache key of a shard split (imgcls.data.fingerprint).
 
     .venv/bin/python -m pytest -q tests/test_shards.py
 """
@@ -26,20 +26,20 @@ import torch
 from conftest import write_class_folders, write_hub_layout, write_recipe
 from PIL import Image
 
-from imgcls import store as store_mod
-from imgcls.data import build_splits
-from imgcls.datatools.cli import main
-from imgcls.datatools.shard import ShardSize, human_bytes, parse_shard_size, summary
-from imgcls.datatools.target import data_config
+from imgcls.data import store as store_mod
+from imgcls.data.loaders import build_splits
+from imgcls.data.tools.cli import main
+from imgcls.data.tools.shard import ShardSize, human_bytes, parse_shard_size, summary
+from imgcls.data.tools.target import data_config
 from imgcls.exitcodes import EXIT_USAGE
-from imgcls.fingerprint import source_fingerprint
+from imgcls.data.fingerprint import source_fingerprint
 from imgcls.recipe import DataConfig, load_recipe
-from imgcls.scan import check_images
-from imgcls.shard_cache import ShardCache
-from imgcls.shards import ShardError, load_shards, shard_counts
-from imgcls.split import DataError
-from imgcls.store import DecodingImages, open_store
-from imgcls.transforms import Preprocess
+from imgcls.data.scan import check_images
+from imgcls.data.shard_cache import ShardCache
+from imgcls.data.shards import ShardError, load_shards, shard_counts
+from imgcls.data.split import DataError
+from imgcls.data.store import DecodingImages, open_store
+from imgcls.data.transforms import Preprocess
 
 CLASSES = ["a", "b", "c"]
 

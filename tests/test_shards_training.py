@@ -11,7 +11,7 @@ import pytest
 from conftest import write_recipe
 from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, only_run, stable_rows,
                      train_inprocess, weights)
-from imgcls.datatools.cli import main as data_main
+from imgcls.data.tools.cli import main as data_main
 from test_distributed import cpu_env, free_port, launch_cmd
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import write_recipe
 from helpers import assert_same_weights, only_run, stable_rows, subprocess_env, wait_for_checkpoint, weights
-from imgcls.checkpoint import complete_checkpoints
+from imgcls.training.checkpoint import complete_checkpoints
 from imgcls.train import EXIT_PREEMPTED
 from launcher.launch import SHUTDOWN_ENV
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_recipe
 from helpers import metrics_rows, only_run, train_inprocess, weights
-from imgcls.models import SmallCNN
+from imgcls.models.registry import SmallCNN
 
 pytestmark = pytest.mark.slow
 

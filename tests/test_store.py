@@ -1,5 +1,5 @@
-"""The uint8 image store (imgcls.store), its cache keys (imgcls.fingerprint), the fill lock (imgcls.storelock)
-and the folder index cache (imgcls.index_cache).
+"""The uint8 image store (imgcls.data.store), its cache keys (imgcls.data.fingerprint), the fill lock
+(imgcls.data.storelock) and the folder index cache (imgcls.data.index_cache).
 
     .venv/bin/python -m pytest -q tests/test_store.py
 """
@@ -20,18 +20,18 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from imgcls import store as store_mod
-from imgcls.augment import BatchAugment, normalize
-from imgcls.fingerprint import frame_inputs, source_fingerprint, store_key
-from imgcls.images import open_image
-from imgcls.index_cache import cached_scan
+from imgcls.data import store as store_mod
+from imgcls.data.augment import BatchAugment, normalize
+from imgcls.data.fingerprint import frame_inputs, source_fingerprint, store_key
+from imgcls.data.images import open_image
+from imgcls.data.index_cache import cached_scan
 from imgcls.recipe import AugmentConfig
-from imgcls.sources import FileImages, _scan_classes, image_extensions
-from imgcls.split import DataError, Split
-from imgcls.storelock import fill_lock
-from imgcls.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
+from imgcls.data.sources import FileImages, _scan_classes, image_extensions
+from imgcls.data.split import DataError, Split
+from imgcls.data.storelock import fill_lock
+from imgcls.data.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
                           working_size)
-from imgcls.transforms import Preprocess
+from imgcls.data.transforms import Preprocess
 
 OLD_NS = 1_600_000_000 * 10**9  # a fixed past mtime: files that have not changed lately, as real data
 
@@ -171,7 +171,7 @@ def test_a_complete_disk_store_reopens_without_decoding(mixed, tmp_path, caplog)
     (key,) = entries(cache)
     assert sorted(p.name for p in (cache / key).iterdir()) == [COMPLETE, "labels.npy", "manifest.json", "pixels.u8"]
     second = counting_split(mixed)
-    with caplog.at_level(logging.INFO, logger="imgcls.store"):
+    with caplog.at_level(logging.INFO, logger="imgcls.data.store"):
         again = open_disk(second, pre(), "eval", cache_dir=str(cache))
     assert second.reader.opened == 0 and torch.equal(again.pixels, filled.pixels)
     assert f"image cache: 6 train images mapped from {cache / key}" in caplog.messages
@@ -249,7 +249,7 @@ def test_a_stopped_fill_is_never_used_and_is_cleaned(mixed, tmp_path, caplog):
     (killed / "pixels.u8").write_bytes(b"half")
     (store.path / COMPLETE).unlink()  # a final folder without its marker
     split = counting_split(mixed)
-    with caplog.at_level(logging.WARNING, logger="imgcls.store"):
+    with caplog.at_level(logging.WARNING, logger="imgcls.data.store"):
         again = open_disk(split, pre(), "eval", cache_dir=str(cache))
     assert split.reader.opened == len(mixed) and entries(cache) == {key} and (again.path / COMPLETE).exists()
     assert warnings(caplog) == [f"image cache {cache / key} is unusable (no COMPLETE marker: its fill was stopped); "
@@ -264,7 +264,7 @@ def test_a_truncated_pixels_file_is_refilled(mixed, tmp_path, caplog):
     del store
     os.truncate(pixels, 100)
     split = counting_split(mixed)
-    with caplog.at_level(logging.WARNING, logger="imgcls.store"):
+    with caplog.at_level(logging.WARNING, logger="imgcls.data.store"):
         open_disk(split, pre(), "eval", cache_dir=str(tmp_path))
     assert split.reader.opened == len(mixed)
     assert warnings(caplog) == [f"image cache {pixels.parent} is unusable ({pixels}: 100 bytes, its manifest says "
@@ -368,14 +368,14 @@ def test_a_reader_without_an_identity_cannot_use_the_disk_cache(mixed):
     assert str(e.value) == ("split 'val': cannot fingerprint the images of a "
                             "test_a_reader_without_an_identity_cannot_use_the_disk_cache.<locals>.Opaque reader for "
                             "the disk cache: it has neither `paths` (a list of image files) nor `ds` (a "
-                            "datasets.Dataset with a _fingerprint); teach imgcls.fingerprint.source_fingerprint about "
-                            "it, or use data.cache = \"memory\"")
+                            "datasets.Dataset with a _fingerprint); teach imgcls.data.fingerprint.source_fingerprint "
+                            "about it, or use data.cache = \"memory\"")
 
 
 def test_hub_rows_are_keyed_by_the_datasets_fingerprint(tmp_path):
     from conftest import write_hub_layout
 
-    from imgcls.hub import load_hub
+    from imgcls.data.hub import load_hub
     from imgcls.recipe import DataConfig
 
     root = write_hub_layout(tmp_path / "hub", ["a", "b"], {"train": 12})
@@ -428,7 +428,7 @@ def test_workers_map_the_store_instead_of_copying_it(tmp_path, cache, context):
 
     ctx = multiprocessing.get_context(context)
     if context == "forkserver":  # the server imports torch once, not every worker (~10 s each on a busy box)
-        ctx.set_forkserver_preload(["imgcls.store", WhereIsIt.__module__])
+        ctx.set_forkserver_preload(["imgcls.data.store", WhereIsIt.__module__])
 
     def batches(workers: int) -> list:
         loader = DataLoader(WhereIsIt(store), batch_size=5, shuffle=True, collate_fn=keep_batch,
@@ -520,7 +520,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_train_frame_only(tmp
     """libjpeg's draft mode: a 256 px JPEG stored at a 32 px working size decodes at 1/8 scale (8x fewer pixels
     to decode and resize); the eval frame decodes fully, as imgcls-predict does."""
     import numpy as np
-    from imgcls.sources import FileImages
+    from imgcls.data.sources import FileImages
 
     path = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(path)

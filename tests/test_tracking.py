@@ -20,10 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import write_class_folders, write_recipe
 from helpers import (metrics_rows, only_run, run_train, subprocess_env, train_cmd, train_inprocess,
                      wait_for_checkpoint)
-from imgcls.checkpoint import complete_checkpoints
+from imgcls.training.checkpoint import complete_checkpoints
 from imgcls.recipe import load_recipe
-from imgcls.tracking import RunLog, available_backends
-from imgcls.wandb_reader import BLOCK, CorruptLog, find_run_files, iter_payloads, read_run
+from imgcls.tracking.runlog import RunLog, available_backends
+from imgcls.tracking.wandb_reader import BLOCK, CorruptLog, find_run_files, iter_payloads, read_run
 
 TRACKING = '[tracking]\nbackends = ["wandb", "tensorboard"]\nupload_model = true\nmode = "offline"'
 
@@ -166,7 +166,7 @@ def test_online_without_login_says_how_to_fix_it_and_keeps_the_other_tracker(tmp
     runlog = RunLog(accelerator, recipe, tmp_path / "run")
     (tmp_path / "run").mkdir()
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="imgcls.tracking"):
+    with caplog.at_level(logging.ERROR, logger="imgcls.tracking.runlog"):
         runlog.start_trackers({})
     assert time.monotonic() - started < 20  # no prompt, no network wait
     assert runlog.trackers == ["tensorboard"] and runlog.run_ids() == {}

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import write_recipe
 from helpers import metrics_rows, only_run, train_inprocess
-from imgcls.metrics import evaluate
+from imgcls.training.metrics import evaluate
 
 
 class _Images:

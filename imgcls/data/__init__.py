@@ -1,0 +1,1 @@
+"""Data: sources, labels, splits, image checks, preprocessing, the uint8 store, shards, augmentation, loaders, tools."""

@@ -1,0 +1,1 @@
+"""Inference: prediction, export (ONNX / TorchScript) and evaluation of trained artifacts."""

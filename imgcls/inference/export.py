@@ -1,0 +1,319 @@
+"""Export a model artifact to ONNX, TorchScript and torch.export, each proven to match the PyTorch model.
+
+    imgcls-export ARTIFACT [--format onnx torchscript torch-export] [--fp16] [--opset N] [--out DIR]
+                  [--data RECIPE_OR_FOLDER] [--parity-images N] [--atol X] [--check-only]
+
+    imgcls-export runs/mnist/<run>/model/best --format onnx torchscript
+    imgcls-export runs/mnist/<run> --format onnx --fp16 --data /data/mnist_pngs   # recipe data not reachable
+
+ARTIFACT is `model/best`, `model/last` or a run folder. Files go to `<artifact>/export/` (or --out):
+`model.onnx` (dynamic batch axis, the recipe's `export.opset`), `model.fp16.onnx` (--fp16; float32 in and
+out), `model.torchscript.pt`, `model.pt2` (torch.export.save), `preprocess.json`, `export_report.json`. Every
+exported file carries class names, preprocessing and temperature (ONNX metadata key `imgcls`, an `imgcls.json`
+extra file in the others), so it runs without the artifact.
+
+The parity check feeds real images (the recipe's validation split, `export.parity_images` of them) through
+each exported file *with the preprocessing stored in that file*, and the PyTorch model with the artifact's
+own, and compares logits at batch 1 and batch k. Above `export.parity_atol` (--atol) the command exits 1 and
+says by how much; fp16 is held to max(atol, 1% of the largest logit). Defaults come from the artifact's
+recipe.toml `[export]`. --check-only re-checks files already in the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from imgcls.training.checkpoint import artifact_path, load_artifact
+from imgcls.data.loaders import build_splits
+from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
+from imgcls.inference.predict import (META_KEY, Predictor, deploy_metadata, expand_inputs, load_onnx, prepare,
+                                      torch_predictor)
+from imgcls.recipe import Recipe, RecipeError, load_recipe
+from imgcls.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+FILES = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "torchscript": "model.torchscript.pt",
+         "torch_export": "model.pt2"}
+EXTRA_FILE = f"{META_KEY}.json"
+FP16_RTOL = 1e-2
+DYNAMO_MIN_OPSET = 18  # the torch.export-based ONNX exporter emits opset >= 18; older opsets use the legacy one
+
+
+# ---------------------------------------------------------------- parity images
+def _spread(n_total: int, n: int) -> list[int]:
+    """n indices spread evenly over range(n_total), so every class of a sorted split shows up."""
+    return sorted({int(round(i)) for i in np.linspace(0, n_total - 1, min(n, n_total))})
+
+
+def parity_images(recipe: Recipe, data: str | None, n: int) -> tuple[list, str]:
+    """Real images for the check: the validation split of the recipe's (or --data recipe's) data, or
+    images from a --data folder. Returns (PIL images, where they came from)."""
+    if data and Path(data).is_dir():
+        files = expand_inputs([data])
+        images = []
+        for path in [files[i] for i in _spread(len(files), 4 * n)] if files else []:
+            try:
+                images.append(open_image(path))  # upright by its EXIF orientation, as in training
+            except BAD_IMAGE_ERRORS as e:  # a stray non-image file in the folder is not a reason to stop
+                log.warning("parity images: skipped %s (%s)", path, e)
+        return [images[i] for i in _spread(len(images), n)] if images else [], f"folder {data}"
+    cfg = load_recipe(data).data if data else recipe.data
+    val = build_splits(cfg).val
+    picks = _spread(len(val), n)
+    where = f"{data or 'the artifact recipe'} [data] val split ({len(val)} images)"
+    return [val.open(val.indices[k]) for k in picks], where
+
+
+# ---------------------------------------------------------------- writers
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch's exporters warn about their own deprecations (TorchScript, the legacy ONNX exporter)."""
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, torch.jit.TracerWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+def onnx_proto(model: torch.nn.Module, example: torch.Tensor, opset: int):
+    """The ONNX graph at exactly `opset`, batch axis dynamic. Returns (ModelProto, exporter name)."""
+    import onnx
+
+    with _quiet():
+        if opset >= DYNAMO_MIN_OPSET:
+            program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+                                        opset_version=opset, dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            proto, exporter = program.model_proto, "torch.onnx (dynamo)"
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (example,), buffer, input_names=["image"], output_names=["logits"],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+            proto, exporter = onnx.load_from_string(buffer.getvalue()), "torch.onnx (legacy TorchScript)"
+    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:
+        raise RuntimeError(f"asked for ONNX opset {opset}, the exporter produced {got}")
+    return proto, exporter
+
+
+def write_onnx(proto, meta: dict, path: Path, fp16: bool = False) -> None:
+    import onnx
+
+    proto = copy.deepcopy(proto)
+    if fp16:  # float16 weights and compute; float32 in and out, so callers do not change
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        fp16_model = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
+        fp16_model.topological_sort()  # the converter appends its input casts at the end of the graph
+        proto = fp16_model.model
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    proto.producer_name = "imgcls"
+    proto.doc_string = f"{meta['model'].get('name', '')}, classes {meta['class_names']}"
+    onnx.checker.check_model(proto)
+    _atomic(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def write_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(model, example)
+        _atomic(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)}))
+
+
+def write_program(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    _atomic(path, lambda tmp: torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: json.dumps(meta)}))
+
+
+def load_exported(fmt: str, path: Path) -> Predictor:
+    """An exported file as a Predictor, with the metadata read back from the file itself."""
+    if fmt.startswith("onnx"):
+        return load_onnx(path)
+    extra = {EXTRA_FILE: ""}
+    with _quiet():
+        module = torch.jit.load(str(path), _extra_files=extra) if fmt == "torchscript" else \
+            torch.export.load(str(path), extra_files=extra).module()
+    return torch_predictor(module, json.loads(extra[EXTRA_FILE]), str(path))
+
+
+def export_one(fmt: str, model, example, opset: int, meta: dict, out: Path, onnx_cache: dict) -> dict:
+    """Write one format; `onnx_cache` keeps the fp32 ONNX graph so that fp16 does not export it again."""
+    path = out / FILES[fmt]
+    info: dict = {"file": path.name}
+    if fmt.startswith("onnx"):
+        if "proto" not in onnx_cache:
+            onnx_cache["proto"], onnx_cache["exporter"] = onnx_proto(model, example, opset)
+        write_onnx(onnx_cache["proto"], meta, path, fp16=fmt == "onnx_fp16")
+        info.update(exporter=onnx_cache["exporter"], opset=opset)
+    elif fmt == "torchscript":
+        write_torchscript(model, example, meta, path)
+    else:
+        write_program(model, example, meta, path)
+    info["bytes"] = path.stat().st_size
+    return info
+
+
+# ---------------------------------------------------------------- the check
+def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    return {"max_abs_diff": float(np.abs(ref - got).max()),
+            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(ref))}
+
+
+def batch_1_and_k(predictor: Predictor, images: list) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of each image run alone and of all of them in one batch, with the predictor's own preprocessing."""
+    x = np.stack([prepare(im, predictor.preprocess) for im in images])
+    return np.concatenate([predictor.run(v[None]) for v in x]), predictor.run(x)
+
+
+def parity(reference: tuple[np.ndarray, np.ndarray], class_names: list[str], candidate: Predictor, images: list,
+           atol: float, fp16: bool = False) -> dict:
+    """`candidate` (preprocessing from its own metadata) against the eager model's `batch_1_and_k` logits."""
+    got_1, got_k = batch_1_and_k(candidate, images)
+    result = {"batch_1": _compare(reference[0], got_1), "batch_k": _compare(reference[1], got_k)}
+    worst = max(r["max_abs_diff"] for r in result.values())
+    tol = max(atol, FP16_RTOL * float(np.abs(reference[1]).max())) if fp16 else atol
+    same_names = candidate.class_names == class_names
+    result.update(max_abs_diff=worst, atol=tol, class_names_match=same_names, passed=worst <= tol and same_names)
+    return result
+
+
+def failure_message(fmt: str, r: dict) -> str:
+    if "error" in r:
+        return f"{fmt}: export failed: {r['error']}"
+    if not r["class_names_match"]:
+        return f"{fmt}: the class names stored in the exported file differ from the artifact's"
+    k = r["batch_k"]
+    return (f"{fmt}: max |Δlogit| {r['max_abs_diff']:.6g} exceeds the tolerance {r['atol']:.6g} by "
+            f"{r['max_abs_diff'] - r['atol']:.6g} (batch 1: {r['batch_1']['max_abs_diff']:.6g}, batch {k['n']}: "
+            f"{k['max_abs_diff']:.6g}; top-1 agreement {round(k['top1_agreement'] * k['n'])}/{k['n']})")
+
+
+def summary_table(report: dict) -> str:
+    lines = ["| format | file | max abs Δlogit (b1 / bk) | top-1 agree (bk) | atol | result |",
+             "|---|---|---|---|---|---|"]
+    for fmt, r in report["formats"].items():
+        if "error" in r:
+            lines.append(f"| {fmt} | {r.get('file', '')} | - | - | - | ERROR |")
+            continue
+        lines.append(f"| {fmt} | {r['file']} | {r['batch_1']['max_abs_diff']:.3g} / "
+                     f"{r['batch_k']['max_abs_diff']:.3g} | {r['batch_k']['top1_agreement']:.3f} | "
+                     f"{r['atol']:.3g} | {'pass' if r['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def run_export(folder: Path, formats: list[str], out: Path, opset: int, images: list, atol: float,
+               check_only: bool = False) -> dict:
+    """Export (unless check_only) and check each format; the report of `export_report.json`."""
+    model, config = load_artifact(folder)
+    meta = deploy_metadata(config)
+    reference = batch_1_and_k(torch_predictor(model, meta, str(folder)), images)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "preprocess.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    example = torch.from_numpy(np.stack([prepare(im, meta["preprocess"]) for im in images[:2]]))
+    if len(example) < 2:  # torch.export specialises a batch of 1; trace with two
+        example = torch.cat([example, example])
+    report, onnx_cache = {}, {}
+    for fmt in formats:
+        try:
+            info = {"file": FILES[fmt]} if check_only else \
+                export_one(fmt, model, example, opset, meta, out, onnx_cache)
+            log.info("%s: %s; checking parity on %d images", fmt, out / FILES[fmt], len(images))
+            candidate = load_exported(fmt, out / FILES[fmt])
+            report[fmt] = {**info, **parity(reference, meta["class_names"], candidate, images, atol,
+                                            fp16=fmt == "onnx_fp16")}
+        except Exception as e:  # one format failing to export must not hide the others' results
+            log.exception("%s: export failed", fmt)
+            report[fmt] = {"file": FILES[fmt], "error": f"{type(e).__name__}: {e}", "passed": False}
+    return report
+
+
+# ---------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="imgcls-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    p.add_argument("artifact", help="model/best, model/last, or a run folder")
+    p.add_argument("--format", nargs="+", dest="formats", metavar="FORMAT",
+                   choices=("onnx", "torchscript", "torch-export", "torch_export"),
+                   help="onnx torchscript torch-export (default: the recipe's export.formats, else onnx)")
+    p.add_argument("--fp16", action="store_true", default=None, help="also write model.fp16.onnx")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the recipe's export.opset)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <artifact>/export)")
+    p.add_argument("--data", metavar="RECIPE_OR_FOLDER",
+                   help="a recipe TOML or an image folder for the parity images, when the artifact recipe's data "
+                        "is not reachable")
+    p.add_argument("--parity-images", type=int, metavar="N",
+                   help="images in the check (default: export.parity_images)")
+    p.add_argument("--atol", type=float, metavar="X", help="max |Δlogit| allowed (default: export.parity_atol)")
+    p.add_argument("--check-only", action="store_true", help="re-check the files already in --out")
+    return p.parse_args(argv)
+
+
+def resolve_formats(args: argparse.Namespace, recipe: Recipe) -> list[str]:
+    formats = [f.replace("-", "_") for f in (args.formats or recipe.export.formats or ["onnx"])]
+    if args.fp16 or (args.fp16 is None and recipe.export.onnx_fp16):
+        formats.append("onnx_fp16")
+    return list(dict.fromkeys(formats))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        folder = artifact_path(args.artifact)
+        recipe = load_recipe(folder / "recipe.toml")
+        images, where = parity_images(recipe, args.data, args.parity_images or recipe.export.parity_images)
+    except (FileNotFoundError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}\nThe parity check needs real images: point --data at a recipe whose data is "
+              f"reachable, or at a folder of images.", file=sys.stderr)
+        return 2
+    if not images:
+        print(f"error: no readable images for the parity check in {where}", file=sys.stderr)
+        return 2
+    out = args.out or folder / "export"
+    opset = args.opset or recipe.export.opset
+    atol = args.atol if args.atol is not None else recipe.export.parity_atol
+    formats = run_export(folder, resolve_formats(args, recipe), out, opset, images, atol, args.check_only)
+    report = {"artifact": str(folder), "images": {"source": where, "n": len(images)}, "opset": opset,
+              "versions": {"torch": torch.__version__, **_runtime_versions()}, "formats": formats,
+              "passed": all(r["passed"] for r in formats.values())}
+    _atomic(out / "export_report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    print(summary_table(report))
+    for fmt, r in formats.items():
+        if not r["passed"]:
+            log.error("parity check failed: %s", failure_message(fmt, r))
+    log.info("%s -> %s", "all formats match" if report["passed"] else "FAILED", out / "export_report.json")
+    return 0 if report["passed"] else 1
+
+
+def _runtime_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models: the registry, our own architectures, timm and torchvision models, pretrained weights, conversion."""

@@ -1,0 +1,349 @@
+"""`[tracking]`: the always-on `metrics.jsonl`, Accelerate's trackers (W&B, TensorBoard) and the run's plots.
+
+Only the main process writes. `metrics.jsonl` is the local source of truth: one JSON object per log event,
+`step` = optimizer step. The trackers get the same numbers, nested dicts flattened (`val/per_class_top1/<class>`),
+the resolved recipe as config, and at the end a confusion matrix, a gallery of misclassified validation images
+and (`upload_model`) the best model as a W&B artifact. A tracker that cannot start (no package, no login) or
+fails later is reported and dropped; it never stops a run.
+
+A resumed run continues the same W&B run id (saved in the checkpoint's TrainState) and the same TensorBoard
+log, whose events after the checkpoint are purged as the rows of `metrics.jsonl` are, so steps keep increasing;
+W&B is re-sent the rows it may have lost to a hard kill.
+The W&B mode is `tracking.mode` unless WANDB_MODE is set (e.g. `offline` on a cluster without network).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.tracking import plots
+from imgcls.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+WANDB_INIT_TIMEOUT = 30.0  # seconds; WANDB_INIT_TIMEOUT in the environment wins
+GALLERY_SIZE = 16
+GALLERY_SCAN = 1024  # validation images looked at, at most, to find the gallery
+LOGIN_HINT = ("Run `wandb login` (or set WANDB_API_KEY), or log offline with tracking.mode = \"offline\" "
+              "(or WANDB_MODE=offline) and upload later with `wandb sync`.")
+
+
+def available_backends(backends: list[str]) -> list[str]:
+    usable = []
+    for name in backends:
+        try:
+            __import__(name)
+            usable.append(name)
+        except ImportError:
+            log.error("tracking.backends has %r but the %r package is not installed: pip install 'imgcls[tracking]'"
+                      " (continuing without it)", name, name)
+    return usable
+
+
+def wandb_mode(recipe_mode: str) -> str:
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = {"dryrun": "offline", "run": "online"}.get(env, env)
+    return env if env in ("online", "offline", "disabled") else recipe_mode
+
+
+def wandb_login_problem(mode: str) -> str | None:
+    """Online W&B without credentials would prompt or hang; find that out first, without network."""
+    if mode != "online":
+        return None
+    import wandb
+
+    try:
+        if wandb.login(prompt=False, verify=False):
+            return None
+    except Exception as e:  # a broken settings file or netrc, say
+        return f"the W&B login check failed ({type(e).__name__}: {e})"
+    return "W&B is in online mode but this machine is not logged in (no API key found)"
+
+
+def flat_scalars(values: dict, prefix: str) -> dict:
+    """{"top1": .9, "per_class_top1": {"a": 1.0}} -> {"val/top1": .9, "val/per_class_top1/a": 1.0}."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
+
+
+@torch.no_grad()
+def misclassified(model, dataset, mean, std, limit: int = GALLERY_SIZE) -> list[dict]:
+    """Up to `limit` validation images the model gets wrong, as displayable arrays in 0..1. Looks at most
+    GALLERY_SCAN images spread over the whole split (folders are often sorted by class), and takes the mistakes
+    round-robin over the true classes, so the gallery is not one confusion sixteen times."""
+    device = next(model.parameters()).device
+    was_training, by_class = model.training, {}
+    model.eval()
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), GALLERY_SCAN)).round().long().unique().tolist()
+    for start in range(0, len(picks), 64):
+        items = [dataset[k] for k in picks[start:start + 64]]
+        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+        confidence, pred = model(images.to(device)).float().softmax(dim=1).cpu().max(dim=1)
+        for k in (pred != labels).nonzero().flatten().tolist():
+            kept = by_class.setdefault(int(labels[k]), [])
+            if len(kept) < limit:
+                shown = (images[k] * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+                kept.append({"image": shown, "true": int(labels[k]), "pred": int(pred[k]),
+                             "confidence": float(confidence[k])})
+    model.train(was_training)
+    rounds = itertools.zip_longest(*(by_class[c] for c in sorted(by_class)))
+    return [item for row in rounds for item in row if item is not None][:limit]
+
+
+def _send_report(tracker, report: dict, step: int) -> None:
+    if tracker.name == "tensorboard":
+        for tag, image in report["figures"].items():
+            tracker.tracker.add_image(tag, image, step, dataformats="HWC")
+        tracker.tracker.flush()
+    elif tracker.name == "wandb":
+        import wandb
+
+        split, names = report["split"], report["names"]
+        payload = {f"{tag}_image" if tag.endswith("confusion_matrix") else f"{tag}_grid": wandb.Image(image)
+                   for tag, image in report["figures"].items()}
+        if len(names) <= 100:  # the interactive chart is a table of C x C cells
+            counts = report["confusion"].flatten().numpy()
+            pairs = np.repeat(np.arange(counts.size), counts)
+            payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+                y_true=(pairs // len(names)).tolist(), preds=(pairs % len(names)).tolist(), class_names=names,
+                title=f"{split} confusion matrix")
+        if report["wrong"]:
+            rows = [[wandb.Image((w["image"] * 255).round().astype(np.uint8)), names[w["true"]], names[w["pred"]],
+                     w["confidence"]] for w in report["wrong"]]
+            payload["val/misclassified"] = wandb.Table(columns=["image", "true", "predicted", "confidence"],
+                                                       data=rows)
+        tracker.tracker.log(payload, step=step)
+
+
+def upload_model(run, recipe: Recipe, best: Path) -> None:
+    """`model/best` as a W&B artifact of type model, named after the recipe, aliased `best`."""
+    import wandb
+
+    config = json.loads((best / "config.json").read_text())
+    artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"{recipe.name}-model"), type="model",
+                              metadata={k: config.get(k) for k in ("epoch", "step", "val", "class_names", "model")})
+    artifact.add_dir(str(best))
+    run.log_artifact(artifact, aliases=["best"])
+    log.info("uploaded %s to W&B as artifact %s (type model)", best, artifact.name)
+
+
+class RunLog:
+    """metrics.jsonl + trackers + plots, main process only (other processes hold a no-op instance)."""
+
+    def __init__(self, accelerator, recipe: Recipe, run_dir: Path):
+        self.accelerator, self.recipe, self.run_dir = accelerator, recipe, run_dir
+        self.enabled = accelerator.is_main_process
+        self.path = run_dir / "metrics.jsonl"
+        self.trackers: list[str] = []
+        self.rows = sum(1 for _ in self.path.open()) if self.enabled and self.path.exists() else 0
+        self.resumed = False
+        self.confusions: dict[str, tuple[torch.Tensor, list[str]]] = {}
+
+    def truncate(self, rows: int) -> None:
+        """On resume: drop the rows written after the checkpoint, so the log reads as one uninterrupted run."""
+        self.rows, self.resumed = rows, True
+        if not self.enabled or not self.path.exists():
+            return
+        kept = self.path.read_text().splitlines(keepends=True)[:rows]
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+
+    # ------------------------------------------------------------------ trackers
+    def start_trackers(self, resume_ids: dict) -> None:
+        """Start each backend on its own, so one that fails leaves the others running."""
+        if not self.enabled:
+            return
+        for name in available_backends(list(self.recipe.tracking.backends)):
+            try:
+                tracker = self._wandb(resume_ids) if name == "wandb" else self._tensorboard()
+                if tracker is None:
+                    continue
+                tracker.start()
+            except Exception as e:  # a tracker must never kill training
+                hint = f" {LOGIN_HINT}" if name == "wandb" else ""
+                log.error("could not start the %s tracker (%s: %s); continuing without it.%s", name,
+                          type(e).__name__, e, hint)
+                continue
+            self.accelerator.trackers.append(tracker)
+            self.trackers.append(name)
+            if name == "tensorboard" and not self.resumed:
+                self._tensorboard_config(tracker.tracker)
+            if name == "wandb" and self.resumed:
+                self._resend_missing_rows(tracker)
+        if self.trackers:
+            log.info("tracking with %s", ", ".join(self.trackers))
+
+    def _wandb(self, resume_ids: dict):
+        import wandb
+        from accelerate.tracking import WandBTracker
+
+        t, mode = self.recipe.tracking, wandb_mode(self.recipe.tracking.mode)
+        problem = wandb_login_problem(mode)
+        if problem:
+            log.error("%s; continuing without W&B. %s", problem, LOGIN_HINT)
+            return None
+        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": WANDB_INIT_TIMEOUT}
+        kwargs = {"name": t.run_name or f"{self.recipe.name}/{self.run_dir.name}", "dir": str(self.run_dir),
+                  "mode": mode, "tags": list(t.tags) or None, "notes": t.notes or None, "group": t.group or None,
+                  "entity": t.entity or None, "config": self.recipe.model_dump(mode="json"),
+                  "settings": wandb.Settings(**timeout)}
+        if resume_ids.get("wandb"):
+            kwargs.update(id=resume_ids["wandb"], resume="allow")
+        return WandBTracker(t.project, **{k: v for k, v in kwargs.items() if v is not None})
+
+    def _tensorboard(self):
+        from accelerate.tracking import TensorBoardTracker
+
+        logdir = self.accelerator.logging_dir or self.run_dir / "tensorboard"
+        kwargs = {}
+        if self.resumed:  # hide what the interrupted attempt logged after the checkpoint
+            kwargs["purge_step"] = self._last_step() + 1
+        return TensorBoardTracker("", str(logdir), **kwargs)
+
+    def _kept_rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def _last_step(self) -> int:
+        rows = self._kept_rows()
+        return rows[-1]["step"] if rows else -1
+
+    def _resend_missing_rows(self, tracker) -> None:
+        """On resume W&B gets every kept row of metrics.jsonl at or after its own step counter. Online, that is
+        what the server lacks (a hard kill loses what W&B still held); offline, where the counter starts at 0,
+        the whole log up to the checkpoint, so each attempt's run file is complete on its own."""
+        start = tracker.tracker.step
+        try:
+            for row in self._kept_rows():
+                if row["step"] >= start:
+                    values = {k: v for k, v in row.items() if k not in ("event", "step", "time")}
+                    tracker.log(flat_scalars(values, row["event"]), step=row["step"])
+        except Exception as e:
+            log.error("could not re-send the logged rows to W&B (%s: %s)", type(e).__name__, e)
+
+    def _tensorboard_config(self, writer) -> None:
+        """The resolved recipe: as text, and as hparams in the same run (not accelerate's extra sub-run)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        from imgcls.recipe import recipe_to_toml
+
+        try:
+            writer.add_text("recipe", "```toml\n" + recipe_to_toml(self.recipe) + "\n```", 0)
+            for summary in hparams(_flat_config(self.recipe.model_dump(mode="json")),
+                                   {"val/top1": 0.0, "val/loss": 0.0}):
+                writer.file_writer.add_summary(summary)
+            writer.flush()
+        except Exception as e:
+            log.error("could not write the recipe to TensorBoard (%s: %s)", type(e).__name__, e)
+
+    def run_ids(self) -> dict:
+        ids = {}
+        if "wandb" in self.trackers:
+            ids["wandb"] = self.accelerator.get_tracker("wandb", unwrap=True).id
+        return ids
+
+    def _each_tracker(self, action: str, fn) -> None:
+        for tracker in list(self.accelerator.trackers):
+            try:
+                fn(tracker)
+            except Exception as e:
+                log.error("the %s tracker failed while %s (%s: %s); continuing without it", tracker.name, action,
+                          type(e).__name__, e)
+                self.accelerator.trackers.remove(tracker)
+                self.trackers.remove(tracker.name)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, event: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"event": event, "step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows += 1
+        if self.trackers:
+            scalars = flat_scalars(values, event)
+            self._each_tracker("logging", lambda tracker: tracker.log(scalars, step=step))
+
+    def log_confusion(self, split: str, confusion: torch.Tensor, names: list[str]) -> None:
+        """The latest confusion matrix of a split, for the plots and the final report."""
+        if self.enabled:
+            self.confusions[split] = (confusion.cpu().clone(), list(names))
+
+    def draw_plots(self) -> None:
+        """After each validation: `plots/curves.png` and `plots/confusion_val.png` (never stops training)."""
+        if not (self.enabled and self.recipe.tracking.plots):
+            return
+        try:
+            plots.write_run_plots(self.run_dir, *self.confusions.get("val", (None, None)))
+        except Exception:
+            log.exception("could not draw the plots in %s; training continues", self.run_dir / plots.PLOTS_DIR)
+
+    def final_report(self, model, val_dataset, step: int) -> None:
+        """End of training: confusion matrix (test, else val) and misclassified validation images, as PNGs and
+        to the trackers; with `tracking.upload_model`, the best model as a W&B artifact."""
+        self.draw_plots()  # the curves now end with the test point
+        if not self.enabled or not self.confusions or not (self.trackers or self.recipe.tracking.plots):
+            return
+        split = "test" if "test" in self.confusions else "val"
+        confusion, names = self.confusions[split]
+        try:
+            wrong = misclassified(model, val_dataset, self.recipe.data.mean, self.recipe.data.std)
+            figures = {f"{split}/confusion_matrix": plots.render(plots.confusion_figure(confusion, names, split))}
+            if wrong:
+                figures["val/misclassified"] = plots.render(plots.gallery_figure(wrong, names))
+            if self.recipe.tracking.plots:
+                for tag, image in figures.items():
+                    name = f"confusion_{split}.png" if tag.endswith("confusion_matrix") else "misclassified.png"
+                    plots.save_png(image, self.run_dir / plots.PLOTS_DIR / name)
+        except Exception:
+            log.exception("could not draw the final confusion matrix and gallery; continuing")
+            return
+        report = {"split": split, "confusion": confusion, "names": names, "wrong": wrong, "figures": figures}
+        self._each_tracker("logging the final report", lambda tracker: _send_report(tracker, report, step))
+        if self.recipe.tracking.upload_model and "wandb" in self.trackers:
+            try:
+                upload_model(self.accelerator.get_tracker("wandb", unwrap=True), self.recipe,
+                             self.run_dir / "model" / "best")
+            except Exception as e:
+                log.error("uploading the best model to W&B failed (%s: %s); it stays in %s", type(e).__name__, e,
+                          self.run_dir / "model" / "best")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        failed = sys.exc_info()[0] is not None  # called from train()'s `finally`: mark a crashed run as failed
+        for tracker in list(self.accelerator.trackers):
+            try:
+                if failed and tracker.name == "wandb":
+                    tracker.tracker.finish(exit_code=1)
+                else:
+                    tracker.finish()
+            except Exception as e:
+                log.error("closing the %s tracker failed (%s: %s)", tracker.name, type(e).__name__, e)
+        self.accelerator.trackers.clear()
+        self.trackers = []

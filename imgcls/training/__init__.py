@@ -1,0 +1,1 @@
+"""Training machinery: checkpoints, distributed setup, optimisers, metrics, EMA, guards, signals, run info."""

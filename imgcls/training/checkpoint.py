@@ -1,0 +1,204 @@
+"""`[checkpoint]`: resume state and the portable model artifact.
+
+Resume state = `accelerator.save_state` (model, optimizer, scheduler, scaler, per-process RNG, sampler) plus
+the registered `TrainState`, in `<run>/checkpoints/step-NNNNNNN/`. It is complete only once `COMPLETE` is
+written, last; anything else is never resumed from and is cleaned up.
+
+The artifact (`model/best`, `model/last`) is what predict/export/eval read: `model.safetensors`, `config.json`
+(architecture, class names, preprocessing, calibration) and the resolved `recipe.toml`. Both are written to a
+temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from imgcls.data.classnames import check_class_names
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "imgcls-artifact/1"
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    """Counters that make a resumed run continue exactly; saved with every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    world_size: int = 1
+    log_rows: int = 0
+    window_losses: list = field(default_factory=list)  # per process: train loss summed since the last log
+    window_batches: int = 0
+    tracker_ids: dict = field(default_factory=dict)
+    epoch_top1: list = field(default_factory=list)  # per process: [correct, seen] train predictions this epoch
+    skipped_steps: int = 0  # train.on_nonfinite = "skip": optimizer steps skipped, in all and in a row
+    skipped_in_a_row: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def recover_dir(dest: Path) -> None:
+    """A kill between the two renames of `replace_dir` leaves `.<name>.old` and no `<name>`: put it back."""
+    if not dest.name:
+        return
+    old = dest.with_name(f".{dest.name}.old")
+    if old.is_dir() and not dest.exists():
+        os.replace(old, dest)
+        log.warning("%s was missing after an interrupted replace; restored it from %s", dest, old.name)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a fully written `tmp` to `dest`, replacing any previous `dest` by rename, never in place."""
+    recover_dir(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fresh_tmp(dest: Path) -> Path:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def read_train_state(source: Path, micro_per_epoch: int) -> TrainState:
+    state = TrainState()
+    state.load_state_dict(json.loads((Path(source) / "train_state.json").read_text()))
+    if state.batch_in_epoch >= micro_per_epoch:  # a stop at an epoch's last step (older imgcls): next epoch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return state
+
+
+# ---------------------------------------------------------------- resume state
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Collective: every process calls it. Only the main process renames, marks and prunes."""
+    dest = checkpoint_dir(run_dir, state.step)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=1))
+        replace_dir(tmp, dest)
+        (dest / MARKER).write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
+        prune_checkpoints(run_dir, keep_last)
+        log.info("checkpoint at step %d -> %s", state.step, dest)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; remove incomplete leftovers."""
+    root = Path(run_dir) / "checkpoints"
+    complete = complete_checkpoints(run_dir)
+    for p in complete[:-keep_last]:
+        doomed = p.with_name(f".{p.name}.deleting")  # one rename: a kill mid-delete never leaves a "complete" half
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
+    for p in root.iterdir():
+        if p not in complete and (p.name.startswith(".") or not (p / MARKER).is_file()):
+            log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def find_resume(runs_root: Path, name: str) -> Path | None:
+    """`--resume auto`: the newest complete checkpoint among the recipe's runs."""
+    base = Path(runs_root) / name
+    if not base.is_dir():
+        return None
+    found = [c for run in base.iterdir() if run.is_dir() for c in complete_checkpoints(run)]
+    # the marker is written once, last: its time says when the checkpoint became complete
+    return max(found, key=lambda p: ((p / MARKER).stat().st_mtime, int(p.name.split("-")[1])), default=None)
+
+
+# ---------------------------------------------------------------- portable artifact
+def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml: str,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`config` holds architecture, class names, preprocessing and calibration (see `load_artifact`). Class names
+    that are not safe folder names are refused before anything is written. `state_dict`: the model's full
+    tensors when the caller gathered them (sharded models: `accelerator.get_state_dict` on every rank)."""
+    dest = Path(dest)
+    check_class_names(config.get("class_names"), str(dest / "config.json"))
+    tmp = _fresh_tmp(dest)
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": ARTIFACT_FORMAT})
+    (tmp / "config.json").write_text(json.dumps({"format": ARTIFACT_FORMAT, **config}, indent=2))
+    (tmp / "recipe.toml").write_text(recipe_toml)
+    replace_dir(tmp, dest)
+
+
+def artifact_path(path: str | Path) -> Path:
+    """An artifact folder, or a run folder (-> its model/best)."""
+    p = Path(path)
+    recover_dir(p)
+    recover_dir(p / "model" / "best")
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if (p / "model" / "best" / "config.json").is_file():
+        return p / "model" / "best"
+    raise FileNotFoundError(f"{p}: not a model artifact (expected config.json + model.safetensors, or a run "
+                            f"folder with model/best/)")
+
+
+def read_artifact_config(path: str | Path) -> dict:
+    """config.json of an artifact, its format and class names checked (an artifact may come from anyone)."""
+    config_file = artifact_path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: artifact format {config.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    check_class_names(config.get("class_names"), str(config_file))
+    return config
+
+
+def load_artifact(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from its config.json and load its weights (strict). Returns (model in eval, config)."""
+    from imgcls.models.registry import build_model
+    from imgcls.recipe import ModelConfig
+
+    folder = artifact_path(path)
+    config = read_artifact_config(folder)
+    arch = config["model"]
+    model = build_model(ModelConfig(name=arch["name"], args=arch["args"]), arch["num_classes"],
+                        arch["in_channels"], tuple(config["preprocess"]["image_size"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    return model.eval(), config
