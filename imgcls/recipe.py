@@ -197,6 +197,9 @@ class ModelConfig(Section):
     # true: the model's default pretrained weights (torchvision DEFAULT, timm's tag); a torchvision weights name
     pretrained: Union[bool, str] = False
     freeze: Union[Literal["none", "backbone"], list[str]] = "none"
+    # BatchNorm keeps its pretrained running statistics while training (its scale and shift still learn): for
+    # fine-tuning on a few hundred images, whose batch statistics are noisy and unlike ImageNet's
+    freeze_bn: bool = False
     sync_batchnorm: bool = False
 
     @model_validator(mode="after")
@@ -230,6 +233,9 @@ class OptimConfig(Section):
     decay_norm_and_bias: bool = False
     grad_clip_norm: float = Field(0.0, ge=0.0)
     backbone_lr_scale: float = Field(1.0, gt=0.0)  # everything but the classifier head trains at lr x this
+    # timm models: each layer below the head at lr x backbone_lr_scale x layer_decay^(its depth from the top),
+    # the layers of timm's group_matcher (timm's param_groups_layer_decay); 1.0 = off
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class ScheduleConfig(Section):
@@ -245,7 +251,7 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     """`[train]`: how long, how big a batch, precision, and evaluation cadence."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=0)  # 0: no training loop, only [probe] (which needs probe.enabled)
     global_batch_size: int = Field(128, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     eval_batch_size: int = Field(256, ge=1)
@@ -267,6 +273,18 @@ class TrainConfig(Section):
     ema_warmup_steps: int = Field(0, ge=0)  # decay = min(ema_decay, (1 + t) / (10 + t)) for the first t updates
     channels_last: bool = False  # model and train batches in torch.channels_last memory format
     compile: bool = False  # torch.compile the model (on CPU it needs a C++ compiler)
+
+
+class ProbeConfig(Section):
+    """`[probe]`: stage 1 of probe-then-fine-tune (LP-FT). The frozen backbone's features are computed once (eval
+    mode, cached on disk) and a new linear head is fitted on them to convergence by L-BFGS; stage 2 is the
+    ordinary training loop (`train.epochs`, 0 = probe only), started from that head."""
+
+    enabled: bool = False
+    views: int = Field(1, ge=1, le=64)  # per train image: 1 = its eval framing; k > 1 adds k-1 data.augment views
+    # the penalty strengths tried (each fitted from zero); the head with the lowest val cross-entropy is kept
+    l2: list[Annotated[float, Field(gt=0.0)]] = Field([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1)
+    max_iter: int = Field(200, ge=1)  # L-BFGS iterations per fit
 
 
 class CheckpointConfig(Section):
@@ -313,6 +331,7 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    probe: ProbeConfig = ProbeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     export: ExportConfig = ExportConfig()
@@ -323,6 +342,20 @@ class Recipe(Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain folder name (it names runs/<name>/)")
         return v
+
+    @model_validator(mode="after")
+    def _stages(self) -> "Recipe":
+        problems = []
+        if self.train.epochs == 0 and not self.probe.enabled:
+            problems.append("train.epochs = 0 trains nothing: set train.epochs >= 1, or probe.enabled = true for a "
+                            "probe-only run (a new head fitted on the frozen backbone's features)")
+        if self.probe.enabled and self.model.pretrained is False and not self.model.weights:
+            problems.append("probe.enabled = true fits a head on the features of pretrained weights: set "
+                            "model.pretrained = true or model.weights = '<file>' (a random backbone's features "
+                            "are not worth probing)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def per_device_batch(global_batch: int, world_size: int, accum: int) -> int:

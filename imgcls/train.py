@@ -36,6 +36,7 @@ from imgcls.data.imbalance import class_weights, describe_weights, split_labels
 from imgcls.training.metrics import evaluate, per_class_accuracy, scalars
 from imgcls.training.plan import Plan, make_plan
 from imgcls.training.preflight import PreflightError
+from imgcls.training.probe import probe_stage
 from imgcls.training.optim import build_optimizer, build_scheduler
 from imgcls.recipe import Recipe, RecipeError, TrainConfig, recipe_to_toml
 from imgcls.training.runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
@@ -102,6 +103,24 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(acc.device)
         self.deadline = Deadline(r.train.max_time)
         self.stop = StopSignal()
+        if self.source is None and r.probe.enabled:
+            self.run_probe(datasets)
+
+    def run_probe(self, datasets: dict) -> None:
+        """Stage 1 (`[probe]`): the new head fitted on the frozen backbone's features. Its val result is a
+        candidate for model/best like any epoch's; a checkpoint at step 0 follows, so a resumed run starts
+        stage 2 from this head and never fits it again."""
+        fit, row, val = probe_stage(self.model, datasets, self.plan.splits, self.recipe, self.accelerator,
+                                    self.class_weights)
+        log.info("probe: %d train features (%d views) in %.1fs (%d of %d sets from the cache), head fitted in "
+                 "%.1fs: l2 %g, train loss %.4f, val loss %.4f, val top1 %.4f", row["train_features"], row["views"],
+                 row["features_s"], row["feature_sets_cached"], row["feature_sets"], row["fit_s"], fit.l2,
+                 fit.train_loss, fit.val_loss, fit.val_top1)
+        self.runlog.log("probe", 0, row)
+        if self.ema is not None:  # the average starts from the probed model, not from the random head
+            self.ema.module.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+        self.select(0, val)
+        self.save_checkpoint()
 
     def restore(self, source: Path) -> None:
         self.accelerator.load_state(str(source))
@@ -144,7 +163,7 @@ class Trainer:
         return bool(s.step >= self.plan.total_steps or s.epoch >= t.epochs or early or self.stopped_by)
 
     def run(self) -> int:
-        if self.recipe.train.evaluate_before_train and self.state.step == 0:
+        if self.recipe.train.evaluate_before_train and self.state.step == 0 and not self.recipe.probe.enabled:
             self.log_eval("val", 0, self.evaluate("val"))
         while not self.done:
             if self.train_epoch() == "stopped":
@@ -157,7 +176,7 @@ class Trainer:
     def train_epoch(self) -> str | None:
         """The rest of the current epoch; returns after_step()'s verdict that ended it."""
         s = self.state
-        set_train_mode(self.model, self.plan.frozen)
+        set_train_mode(self.model, self.plan.frozen, self.recipe.model.freeze_bn)
         bar = tqdm(total=self.micro_per_epoch, initial=s.batch_in_epoch, desc=f"epoch {s.epoch}", leave=False,
                    disable=None if self.accelerator.is_local_main_process else True, dynamic_ncols=True)
         self.window = {"images": 0, "wait": 0.0, "t0": time.perf_counter(), "bar": bar}
@@ -319,8 +338,11 @@ class Trainer:
     def validate(self, epoch: int) -> None:
         """Validate, then keep model/last and, when it improved, model/best."""
         self.check_finite()
+        self.select(epoch, self.evaluate("val"))
+
+    def select(self, epoch: int, val: dict) -> None:
+        """Log val's result, then keep model/last and, when it improved, model/best."""
         s, key = self.state, self.recipe.checkpoint.select_metric
-        val = self.evaluate("val")
         self.log_eval("val", epoch, val)
         if self.ema is not None:
             val_ema = evaluate(self.ema.module, self.eval_loaders["val"], self.accelerator, self.plan.num_classes)
@@ -329,7 +351,7 @@ class Trainer:
         self.runlog.draw_plots()
         is_best = s.best_metric is None or (val[key] < s.best_metric if key == "loss" else val[key] > s.best_metric)
         if is_best:
-            s.best_metric, s.best_epoch, s.bad_epochs = val[key], epoch, 0
+            s.best_metric, s.best_epoch, s.best_step, s.bad_epochs = val[key], epoch, s.step, 0
         else:
             s.bad_epochs += 1
         self.save_models({"epoch": epoch, "step": s.step, "val": scalars(val)}, is_best)
@@ -365,7 +387,8 @@ class Trainer:
         best_dir = self.run_dir / "model" / "best"
         best = load_file(str(best_dir / "model.safetensors"))  # every rank loads it: all test the same model
         acc.unwrap_model(self.model).load_state_dict(best)
-        results = {"name": r.name, "run_dir": str(self.run_dir), "best_epoch": s.best_epoch, "steps": s.step,
+        results = {"name": r.name, "run_dir": str(self.run_dir), "best_epoch": s.best_epoch,
+                   "best_step": s.best_step, "steps": s.step,
                    "select_metric": r.checkpoint.select_metric,
                    "stopped_by": self.stopped_by or ("early_stop" if s.step < self.plan.total_steps
                                                      and s.epoch < r.train.epochs else "")}

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from imgcls.training.checkpoint import MARKER, complete_checkpoints
 from imgcls.train import main as train_main
 
-VOLATILE = {"time", "images_per_s", "data_wait_fraction"}
+# wall-clock values, and whether the probe's features came from the cache (the same numbers either way)
+VOLATILE = {"time", "images_per_s", "data_wait_fraction", "features_s", "fit_s", "feature_sets_cached"}
 
 
 def train_inprocess(recipe: Path, *args: str) -> int:

@@ -58,7 +58,8 @@ def test_unknown_key_in_nested_table_suggests_from_that_table(tmp_path):
 def test_unknown_top_level_section(tmp_path):
     assert one_problem(minimal(tmp_path, "[trian]\nepochs = 3")) == "trian: unknown key; did you mean 'train'?"
     assert one_problem(minimal(tmp_path, "[zzz]\nq = 1")) == (
-        "zzz: unknown key; known keys: name, seed, data, model, optim, schedule, train, checkpoint, tracking, export")
+        "zzz: unknown key; known keys: name, seed, data, model, optim, schedule, train, probe, checkpoint, tracking, "
+        "export")
 
 
 def test_wrong_type(tmp_path):
@@ -250,7 +251,7 @@ def test_override_into_a_value(tiny):
 
 
 def test_override_that_makes_recipe_invalid(tiny):
-    assert one_problem(tiny, ["train.epochs=0"]) == "train.epochs: Input should be greater than or equal to 1 (got 0)"
+    assert one_problem(tiny, ["train.epochs=-1"]) == "train.epochs: Input should be greater than or equal to 0 (got -1)"
     assert one_problem(tiny, ["train.epoch=3"]) == "train.epoch: unknown key; did you mean 'epochs'?"
     assert one_problem(tiny, ["optim.name=adam"]) == "optim.name: Input should be 'sgd' or 'adamw' (got 'adam')"
     head, found = problems(tiny, ["train.epochs=ten", "data.channels=3"])

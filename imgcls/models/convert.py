@@ -12,15 +12,23 @@ every pair must have the same shape (any mismatch is an error naming both keys):
 architecture is refused, not half loaded. Weights ported from TensorFlow (the lite models) need timm's `tf_`
 variant, whose convolutions pad as TensorFlow's "same"; the shapes cannot tell the two apart, accuracy does
 (tests/test_convert.py: a linear probe on CIFAR-10 features).
+
+The file carries the preprocessing the weights were trained with, in its safetensors metadata
+(`imgcls.preprocess`: image_size, mean, std, interpolation, crop_pct and where they came from), which
+`model.weights` applies as `pretrained = true` applies timm's: by default timm's pretrained_cfg for `--model`;
+`--image-size`, `--mean`, `--std`, `--interpolation` and `--crop-pct` say otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from imgcls.models import timm_models
+from imgcls.models.pretrained import PREPROCESS_KEYS, PREPROCESS_METADATA, timm_preprocess
 from imgcls.recipe import ModelConfig, RecipeError
 
 
@@ -46,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", help="the checkpoint (.pth, loaded with weights_only=True)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--model", required=True, help='the timm model it is for, e.g. "timm:tf_efficientnet_lite0"')
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size the weights were trained at")
+    p.add_argument("--mean", type=float, nargs=3, help="per-channel mean the weights were trained with")
+    p.add_argument("--std", type=float, nargs=3, help="per-channel std the weights were trained with")
+    p.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic"])
+    p.add_argument("--crop-pct", type=float, help="eval centre crop / resize, in (0, 1]")
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -56,15 +69,37 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ModelConfig(name=args.model)
         target = build_model(cfg, 1000, 3, (224, 224))
         converted = efficientnet_pytorch_to_timm(source, target)
+        preprocess = preprocess_record(args)
     except RecipeError as e:
         print(f"error: {args.source}: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(converted, str(tmp))
+    save_file(converted, str(tmp), metadata={PREPROCESS_METADATA: json.dumps(preprocess)})
     tmp.replace(out)
-    print(f"wrote {out}: {len(converted)} tensors for {args.model}")
+    print(f"wrote {out}: {len(converted)} tensors for {args.model}; preprocessing ({preprocess['source']}): "
+          + ", ".join(f"{k} {preprocess[k]}" for k in PREPROCESS_KEYS))
     return 0
+
+
+def preprocess_record(args: argparse.Namespace) -> dict:
+    """The preprocessing to write into the converted file: timm's pretrained_cfg for `--model`, with the values
+    given on the command line instead of timm's; "source" says which came from where."""
+    given = {"image_size": args.image_size, "mean": args.mean, "std": args.std,
+             "interpolation": args.interpolation, "crop_pct": args.crop_pct}
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise RecipeError(f"--crop-pct {args.crop_pct}: must be in (0, 1]")
+    if args.std is not None and min(args.std) <= 0:
+        raise RecipeError(f"--std {args.std}: every value must be > 0")
+    named = [k for k, v in given.items() if v is not None]
+    if len(named) == len(given):
+        return {**given, "source": "given to imgcls.convert"}
+    if not timm_models.pretrained_cfg(args.model):
+        raise RecipeError(f"timm has no pretrained_cfg for {args.model} to take the preprocessing from: give "
+                          f"--image-size, --mean, --std, --interpolation and --crop-pct")
+    values = {**timm_preprocess(args.model), **{k: given[k] for k in named}}
+    source = f"timm {timm_models._timm().__version__} pretrained_cfg of {timm_models.timm_name(args.model)}"
+    return {**values, "source": source + (f"; {', '.join(named)} given to imgcls.convert" if named else "")}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from imgcls.models.registry import _info, _unwrap, adapt_input_conv, classifier_prefix, count_parameters, first_conv
-from imgcls.models.pretrained import HUB_PREFIX, hub_file
+from imgcls.models.pretrained import weights_file
 from imgcls.recipe import RecipeError
 
 
@@ -42,13 +42,7 @@ def _listing(keys: list[str], limit: int = 5) -> str:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, a .pth/.pt file (weights_only), an artifact dir's model.safetensors or
     a hub repo's (`hf-hub:owner/repo`), with DDP `module.` and torch.compile `_orig_mod.` prefixes removed."""
-    file = hub_file(path) if path.startswith(HUB_PREFIX) else Path(path)
-    if file.is_dir():
-        file = file / "model.safetensors"
-        if not file.is_file():
-            raise RecipeError(f"model.weights: {path} is a directory without model.safetensors (not a model artifact)")
-    elif not file.is_file():
-        raise RecipeError(f"model.weights: {path}: file not found")
+    file = weights_file(path)
     if file.suffix == ".safetensors":
         try:
             state = safetensors.torch.load_file(file)
@@ -179,9 +173,11 @@ def _backbone(module: nn.Module, head: str, prefix: str = "") -> list[str]:
     return out
 
 
-def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
-    """`model.train()`, but BatchNorm inside frozen parts stays in eval so its running statistics stay put."""
+def set_train_mode(model: nn.Module, frozen: list[str], freeze_bn: bool = False) -> None:
+    """`model.train()`, but BatchNorm inside frozen parts stays in eval so its running statistics stay put;
+    with `freeze_bn` (`model.freeze_bn`), every BatchNorm does (normalising with its running statistics, which
+    no longer update; its weight and bias still train)."""
     model.train()
     for name, module in _unwrap(model).named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _under(name, frozen):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (freeze_bn or _under(name, frozen)):
             module.eval()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from imgcls.data.classnames import check_class_names
+from imgcls.models.pretrained import PREPROCESS_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class TrainState:
     batch_in_epoch: int = 0
     best_metric: float | None = None
     best_epoch: int = -1
+    best_step: int = -1  # optimizer steps before the best model: 0 for the probe ([probe]) or the untrained one
     bad_epochs: int = 0
     world_size: int = 1
     log_rows: int = 0
@@ -161,7 +163,10 @@ def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml:
     tmp = _fresh_tmp(dest)
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": ARTIFACT_FORMAT})
+    metadata = {"format": ARTIFACT_FORMAT}
+    if "preprocess" in config:  # the file alone, copied elsewhere, still says how its inputs are prepared
+        metadata[PREPROCESS_METADATA] = json.dumps({**config["preprocess"], "source": "an imgcls artifact"})
+    save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
     (tmp / "config.json").write_text(json.dumps({"format": ARTIFACT_FORMAT, **config}, indent=2))
     (tmp / "recipe.toml").write_text(recipe_toml)
     replace_dir(tmp, dest)

@@ -45,6 +45,21 @@ def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = F
     return out
 
 
+def from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """`evaluate`'s numbers for logits already in hand (all of a split, on every process)."""
+    logits, labels = logits.float(), labels.long()
+    top = logits.topk(min(5, num_classes), dim=1).indices
+    n = max(labels.numel(), 1)
+    confusion = torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).view(
+        num_classes, num_classes)
+    out = {"loss": F.cross_entropy(logits, labels, reduction="sum").item() / n,
+           "top1": (top[:, 0] == labels).sum().item() / n, "n": labels.numel(), "confusion": confusion,
+           "macro_f1": macro_f1(confusion), "balanced_accuracy": balanced_accuracy(confusion)}
+    if num_classes > 5:
+        out["top5"] = (top == labels[:, None]).any(dim=1).sum().item() / n
+    return out
+
+
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     totals = confusion.sum(dim=1).clamp(min=1)
     return (confusion.diag().float() / totals).tolist()

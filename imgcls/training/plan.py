@@ -49,7 +49,7 @@ def make_plan(recipe: Recipe, world_size: int) -> Plan:
         load_weights(model, recipe.model.weights, recipe.model.train_mode, recipe.data.channels)
     frozen = apply_freeze(model, recipe.model.freeze)
     steps_per_epoch = len(splits.train) // recipe.train.global_batch_size
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and recipe.train.epochs:
         raise RecipeError(f"train.global_batch_size = {recipe.train.global_batch_size} is larger than the "
                           f"training split ({len(splits.train)} images)")
     total = steps_per_epoch * recipe.train.epochs
