@@ -209,12 +209,14 @@ def test_everything_off_is_evaluation_normalize():
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
-def test_inputs_not_at_the_output_size_get_the_eval_framing(crop_pct):
+def test_inputs_not_at_the_output_size_get_the_train_framing(crop_pct):
+    """Stored train frames of another size are resized to image_size / crop_pct and centre-cropped, as
+    `train_transform` frames an image without augmentation (a plain resize: one size for every image)."""
     imgs = images(6, 3, 40, 44, 16)
     pre = Preprocess((24, 28), 3, (0.5,) * 3, (0.25,) * 3, "bilinear", crop_pct)
     out = BatchAugment.from_preprocess(AugmentConfig(), pre)(imgs, torch.arange(6), 0, 0)
-    want = torch.stack([pre.eval_transform()(img) for img in imgs])
-    # the eval transform resizes uint8 with torch's fixed-point kernel (within one level); we stay in float
+    want = torch.stack([pre.train_transform(AugmentConfig())(img) for img in imgs])
+    # the transform resizes uint8 with torch's fixed-point kernel (within one level); we stay in float
     assert (out - want).abs().max() <= 1 / 255 / 0.25 + 1e-6
 
 

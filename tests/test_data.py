@@ -434,13 +434,17 @@ def test_folder_without_class_folders(tmp_path):
 @pytest.mark.parametrize("crop_pct", [0.875, 1.0])
 def test_train_without_augmentation_frames_like_eval(crop_pct):
     """random_resized_crop = false: train resizes to size / crop_pct and center-crops, as eval does (it used to
-    resize straight to size: a 14 % framing mismatch at 0.875)."""
+    resize straight to size: a 14 % framing mismatch at 0.875), for an image of the frame's aspect ratio; a
+    4:3 photo is squeezed in train (one stored size) and centre-cut in eval (its aspect ratio kept)."""
     from imgcls.recipe import AugmentConfig
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    rng = np.random.default_rng(0)
+    square = Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
     pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", crop_pct=crop_pct, **RGB))
-    train, evaluate = pre.train_transform(AugmentConfig())(image), pre.eval_transform()(image)
+    train, evaluate = pre.train_transform(AugmentConfig())(square), pre.eval_transform()(square)
     assert train.shape == (3, 16, 16) and torch.equal(train, evaluate)
+    photo = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    assert not torch.equal(pre.train_transform(AugmentConfig())(photo), pre.eval_transform()(photo))
 
 
 def test_train_padding_crop_frames_like_eval_first():

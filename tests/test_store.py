@@ -115,15 +115,32 @@ def test_train_frame_is_a_plain_resize_to_the_working_size(mixed, crop_pct, size
         assert torch.equal(store.pixels[k], v2.ToImage()(resized)), path
 
 
-def test_batch_augment_frames_the_train_frame_as_eval_does(mixed):
+def test_batch_augment_frames_the_train_frame_as_eval_does(tmp_path):
     """crop_pct < 1: the train frame is stored at floor(size / crop_pct) so that BatchAugment's centre crop
-    gives, without augmentation, exactly the eval pixels."""
+    gives, without augmentation, exactly the eval pixels, for images of the frame's aspect ratio (14 x 19)."""
     p = pre((13, 17), 3, 0.875, "bilinear")
-    train = fill_memory(counting_split(mixed), p, "train")
-    evaluation = fill_memory(counting_split(mixed), p, "eval")
-    index = torch.arange(len(mixed))
+    paths = noise_images(tmp_path / "framed", [(19, 14), (38, 28), (95, 70)], ["RGB", "L", "RGB"])
+    train = fill_memory(counting_split(paths), p, "train")
+    evaluation = fill_memory(counting_split(paths), p, "eval")
+    index = torch.arange(len(paths))
     framed = BatchAugment.from_preprocess(AugmentConfig(hflip=0.0), p)(train.pixels, index, epoch=0, seed=0)
     assert train.size == (14, 19) and torch.equal(framed, normalize(evaluation.pixels, p.mean, p.std))
+
+
+@pytest.mark.parametrize("width, height", [(40, 20), (20, 40), (30, 30)])
+def test_eval_frame_keeps_the_aspect_ratio_and_cuts_the_centre(tmp_path, width, height):
+    """A photo is resized to cover the frame with its aspect ratio kept, then the centre is cut (timm's and
+    torchvision's eval transform): a 40 x 20 image at crop_pct 1.0 becomes 20 x 10 -> its middle 10 x 10, which
+    loses the left band and keeps the top one. A squeeze (the old framing) would keep both bands in every case."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:, : width // 4] = 255  # a white band on the left quarter: cut away when the width is cropped
+    a[: height // 4] = 128  # a gray band on the top quarter: cut away when the height is cropped
+    path = tmp_path / "band.png"
+    Image.fromarray(a).save(path)
+    p = pre((10, 10), 3, 1.0, "nearest")
+    pixels = fill_memory(counting_split([str(path)]), p, "eval").pixels[0]
+    expected = {(40, 20): (0, 128), (20, 40): (255, 0), (30, 30): (255, 128)}[(width, height)]
+    assert (pixels[0, 5, 0].item(), pixels[0, 0, 5].item()) == expected
 
 
 def test_memory_disk_and_decoding_give_the_same_batches(mixed, tmp_path):

@@ -10,7 +10,7 @@ processes or resume. Every op has its own id, so switching one op on or off neve
 numbers. All work is integer/float torch ops on the batch's device (no numpy, no `.item()`, no host sync).
 
 The ops, their order and their options' meaning match `Preprocess.train_transform` (torchvision v2; e.g.
-crop_padding crops from the padded eval frame and is not used with random_resized_crop), with these
+crop_padding crops from the padded frame and is not used with random_resized_crop), with these
 differences: images stay float32 in [0, 1] between ops (torchvision rounds to uint8 after every op); resizes
 are torch's antialiased kernels, not PIL's; colour jitter applies brightness, contrast, saturation in this
 fixed order (torchvision permutes them per image); the random numbers are ours. Reductions are written as
@@ -203,8 +203,8 @@ def resized_crop(x: torch.Tensor, box: torch.Tensor, size: tuple[int, int], inte
 
 
 def frame(x: torch.Tensor, frame_size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """Resize a float batch to the eval frame (image_size / crop_pct), as `Preprocess` resizes the image
-    before its centre (eval) or random (crop_padding) crop; torch's antialiased resize, not PIL's."""
+    """Resize a float batch to the frame (image_size / crop_pct), as `Preprocess.train_transform` resizes the
+    image before its centre or random (crop_padding) crop; torch's antialiased resize, not PIL's."""
     x = TF.resize(x, list(frame_size), interpolation=TF.InterpolationMode(interpolation), antialias=True)
     return x.clamp(0.0, 1.0) if interpolation == "bicubic" else x
 
@@ -289,7 +289,7 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 class BatchAugment:
     """`Preprocess.train_transform` for whole uint8 batches, ops in its order: either a random resized crop of
-    the input, or the eval framing (resize to image_size / crop_pct unless the input already has that size,
+    the input, or the framing (resize to image_size / crop_pct unless the input already has that size,
     then a random crop of the zero-padded frame with crop_padding, else the centre crop); then rotation,
     horizontal flip, the auto-augment policy, colour jitter, normalize, random erasing.
 

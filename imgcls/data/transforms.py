@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from imgcls.data.autoaugment import geometric_mode
+from imgcls.data.framing import cover_size
 from imgcls.recipe import AugmentConfig, DataConfig
 
 _MODES = {"L": 1, "RGB": 3}
@@ -72,15 +73,23 @@ class Preprocess:
         size = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)) if self.crop_pct < 1.0 else (h, w)
         return v2.Resize(size, interpolation=self.interp, antialias=True)
 
+    def frame_size(self) -> tuple[int, int]:
+        """image_size / crop_pct (floored): the frame the eval crop is cut from."""
+        h, w = self.image_size
+        return (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)) if self.crop_pct < 1.0 else (h, w)
+
     def eval_transform(self) -> v2.Compose:
-        head = [self._resize(), v2.CenterCrop(self.image_size)] if self.crop_pct < 1.0 else [self._resize()]
-        # resize on the PIL image, as predict/export do without torch: the same pixels on every path
-        return v2.Compose([*head, *self._tail()])
+        """Resize keeping the aspect ratio to cover the frame, then the centre image_size (framing.py), on the
+        PIL image, as predict/export do without torch: the same pixels on every path."""
+        return v2.Compose([ResizeCover(self.frame_size(), self.interp), v2.CenterCrop(self.image_size),
+                           *self._tail()])
 
     def train_transform(self, aug: AugmentConfig) -> v2.Compose:
-        """Without random_resized_crop the image is framed as eval frames it (resize to image_size / crop_pct on
-        the PIL image), then cropped to image_size: at random from the padded frame with crop_padding, else in
-        the center. With augmentation off, train pixels are eval pixels."""
+        """Without random_resized_crop the image is resized to the frame (image_size / crop_pct) on the PIL image,
+        then cropped to image_size: at random from the padded frame with crop_padding, else in the center. The
+        train frame is a plain resize (the stored train images all have one size, which random crops need), so
+        with augmentation off train pixels are eval pixels for images of the frame's aspect ratio; others are
+        squeezed in train and centre-cut in eval (framing.py)."""
         h, w = self.image_size
         if aug.random_resized_crop:
             ops: list = [v2.RandomResizedCrop((h, w), scale=aug.scale, interpolation=self.interp, antialias=True),
@@ -107,6 +116,22 @@ class Preprocess:
             ops.append(v2.ColorJitter(j, j, j if self.channels == 3 else 0))
         erasing = [v2.RandomErasing(aug.random_erasing)] if aug.random_erasing else []
         return v2.Compose([*ops, *self._tail()[1:], *erasing])
+
+
+class ResizeCover:
+    """`v2.functional.resize` to the size that covers `frame` with the input's aspect ratio
+    (`framing.cover_size`); a PIL image or a tensor, as the v2 ops around it."""
+
+    def __init__(self, frame: tuple[int, int], interpolation: InterpolationMode):
+        self.frame, self.interpolation = tuple(frame), interpolation
+
+    def __call__(self, image):
+        h, w = v2.functional.get_size(image)
+        return v2.functional.resize(image, list(cover_size(h, w, *self.frame)), interpolation=self.interpolation,
+                                    antialias=True)
+
+    def __repr__(self) -> str:
+        return f"ResizeCover(frame={self.frame}, interpolation={self.interpolation.value})"
 
 
 def batch_mix(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:

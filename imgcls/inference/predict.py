@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from imgcls.training.calibration import softmax
 from imgcls.data.classnames import ClassNameError, check_class_names, folder_names, name_problem
+from imgcls.data.framing import center_box, cover_size
 from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,12 @@ def prepare(image: Image.Image, pre: dict) -> np.ndarray:
     image = to_mode(image, int(pre["channels"]))
     h, w = pre["image_size"]
     crop_pct = float(pre.get("crop_pct", 1.0))
-    if crop_pct < 1.0:
-        rh, rw = math.floor(h / crop_pct), math.floor(w / crop_pct)
-        image = _resize(image, (rh, rw), pre["interpolation"])
-        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))  # torchvision's center anchor
+    frame = (math.floor(h / crop_pct), math.floor(w / crop_pct)) if crop_pct < 1.0 else (h, w)
+    rh, rw = cover_size(image.height, image.width, *frame)  # the aspect ratio kept, as in training
+    image = _resize(image, (rh, rw), pre["interpolation"])
+    top, left = center_box(rh, rw, h, w)
+    if (rh, rw) != (h, w):
         image = image.crop((left, top, left + w, top + h))
-    else:
-        image = _resize(image, (h, w), pre["interpolation"])
     a = np.asarray(image, dtype=np.float32).reshape(h, w, -1).transpose(2, 0, 1)
     a = a * np.float32(1.0 / 255)
     mean = np.asarray(pre["mean"], dtype=np.float32)[:, None, None]
