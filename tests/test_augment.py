@@ -210,9 +210,9 @@ def test_everything_off_is_evaluation_normalize():
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
 def test_inputs_not_at_the_output_size_get_the_train_framing(crop_pct):
-    """Stored train frames of another size are resized to image_size / crop_pct and centre-cropped, as
-    `train_transform` frames an image without augmentation (a plain resize: one size for every image)."""
-    imgs = images(6, 3, 40, 44, 16)
+    """Stored train frames of another size (of the frame's aspect ratio, as a larger working_size stores them)
+    are resized to image_size / crop_pct and centre-cropped, as `train_transform` frames such an image."""
+    imgs = images(6, 3, *{1.0: (48, 56), 0.875: (54, 64)}[crop_pct], 16)
     pre = Preprocess((24, 28), 3, (0.5,) * 3, (0.25,) * 3, "bilinear", crop_pct)
     out = BatchAugment.from_preprocess(AugmentConfig(), pre)(imgs, torch.arange(6), 0, 0)
     want = torch.stack([pre.train_transform(AugmentConfig())(img) for img in imgs])

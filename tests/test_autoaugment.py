@@ -253,7 +253,7 @@ def test_policies_are_off_without_ops_and_after_the_flip_before_jitter():
     pre = Preprocess((32, 32), 3, (0.5,) * 3, (0.25,) * 3, "nearest")
     names = [type(op).__name__ for op in pre.train_transform(
         AugmentConfig(hflip=0.5, auto_augment="autoaugment", color_jitter=0.1, random_erasing=0.25)).transforms]
-    assert names == ["Resize", "ToImage", "RandomHorizontalFlip", "AutoAugment", "ColorJitter", "ToDtype",
+    assert names == ["ResizeCover", "CenterCrop", "ToImage", "RandomHorizontalFlip", "AutoAugment", "ColorJitter", "ToDtype",
                      "Normalize", "RandomErasing"]
 
 

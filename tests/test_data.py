@@ -433,9 +433,8 @@ def test_folder_without_class_folders(tmp_path):
 # ---------------------------------------------------------------- framing: train as eval
 @pytest.mark.parametrize("crop_pct", [0.875, 1.0])
 def test_train_without_augmentation_frames_like_eval(crop_pct):
-    """random_resized_crop = false: train resizes to size / crop_pct and center-crops, as eval does (it used to
-    resize straight to size: a 14 % framing mismatch at 0.875), for an image of the frame's aspect ratio; a
-    4:3 photo is squeezed in train (one stored size) and centre-cut in eval (its aspect ratio kept)."""
+    """random_resized_crop = false: train frames as eval does (it used to resize straight to size: a 14 %
+    framing mismatch at 0.875), a 4:3 photo included (both keep its aspect ratio and cut the centre)."""
     from imgcls.recipe import AugmentConfig
 
     rng = np.random.default_rng(0)
@@ -444,16 +443,17 @@ def test_train_without_augmentation_frames_like_eval(crop_pct):
     train, evaluate = pre.train_transform(AugmentConfig())(square), pre.eval_transform()(square)
     assert train.shape == (3, 16, 16) and torch.equal(train, evaluate)
     photo = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    assert not torch.equal(pre.train_transform(AugmentConfig())(photo), pre.eval_transform()(photo))
+    assert torch.equal(pre.train_transform(AugmentConfig())(photo), pre.eval_transform()(photo))
 
 
 def test_train_padding_crop_frames_like_eval_first():
-    """With crop_padding the random crop is taken from the eval framing (resized to size / crop_pct), padded."""
+    """With crop_padding the random crop is taken from the eval framing (aspect ratio kept to cover size /
+    crop_pct, its centre), padded."""
     from imgcls.recipe import AugmentConfig
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
     pre = Preprocess.from_data(DataConfig(source="hub", dataset="a", crop_pct=0.5, **RGB))
-    framed = v2.Resize((32, 32), antialias=True)(image)       # 16 / 0.5
+    framed = v2.CenterCrop(32)(v2.Resize(32, antialias=True)(image))  # 16 / 0.5; 30 x 40 -> 32 x 42 -> 32 x 32
     window = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(RGB["mean"], RGB["std"])])
     padded = window(v2.Pad(2)(framed))
     torch.manual_seed(0)

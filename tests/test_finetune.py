@@ -54,3 +54,17 @@ def test_update_continues_from_a_previous_run_with_its_head(tmp_path, image_fold
     before = next(r for r in rows if r["event"] == "val" and r["step"] == 0)
     best_a = json.loads((only_run(tmp_path / "a") / "results.json").read_text())["val"]
     assert before["top1"] == best_a["top1"] and abs(before["loss"] - best_a["loss"]) < 1e-6
+
+
+def test_freeze_bn_keeps_every_running_statistic_while_the_rest_trains(tmp_path, image_folder):
+    saved = _pretrained_pth(tmp_path / "pretrained.pth")
+    recipe = write_recipe(tmp_path / "ft.toml", f'source = "folder"\nroot = "{image_folder}"')
+    recipe.write_text(recipe.read_text().replace(
+        "[optim]", f'train_mode = "finetune"\nweights = "{tmp_path / "pretrained.pth"}"\nfreeze_bn = true\n[optim]'))
+    assert train_inprocess(recipe, "train.epochs=1") == 0
+    trained = weights(only_run(tmp_path / "runs") / "model" / "last")
+    stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], saved[k]) for k in stats)
+    assert all(torch.equal(trained[k], saved[k]) for k in saved if k.endswith("num_batches_tracked"))
+    bn_affine = [k for k in saved if k.startswith("features") and k.endswith(".1.weight")]
+    assert bn_affine and not any(torch.equal(trained[k], saved[k]) for k in bn_affine)  # scale and shift learn

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imgcls.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from imgcls.recipe import OptimConfig, ScheduleConfig
+from imgcls.recipe import OptimConfig, RecipeError, ScheduleConfig
 
 
 def _net() -> nn.Module:
@@ -85,3 +85,28 @@ def test_backbone_lr_scale_puts_the_head_first_at_lr_and_the_backbone_at_the_sca
 def test_backbone_lr_scale_of_one_keeps_the_single_lr_groups():
     opt = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, backbone_lr_scale=1.0), _net())
     assert len(opt.param_groups) == 2 and {g["lr"] for g in opt.param_groups} == {0.01}
+
+
+def test_layer_decay_scales_each_timm_layer_below_the_head():
+    """timm's group_matcher orders tf_efficientnet_lite0's parameters into layers 0 (stem) .. 17 (classifier);
+    layer i trains at lr x backbone_lr_scale x decay^(17 - i), the head at lr, weight decay split as usual."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=5)
+    cfg = OptimConfig(lr=0.01, layer_decay=0.8, backbone_lr_scale=0.5, weight_decay=1e-4)
+    groups = build_optimizer(cfg, model).param_groups
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == groups[0]["lr"] == 0.01
+    assert lr_of[id(named["conv_head.weight"])] == pytest.approx(0.01 * 0.5 * 0.8)  # layer 16
+    assert lr_of[id(named["conv_stem.weight"])] == pytest.approx(0.01 * 0.5 * 0.8 ** 17)  # layer 0
+    assert decay_of[id(named["conv_stem.weight"])] == 1e-4 and decay_of[id(named["bn1.weight"])] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_layer_decay_needs_a_model_that_orders_its_layers():
+    with pytest.raises(RecipeError) as e:
+        build_optimizer(OptimConfig(layer_decay=0.7), _net())
+    assert str(e.value) == ("optim.layer_decay = 0.7: Sequential does not say how its layers are ordered (timm "
+                            "models do, through group_matcher); use a timm: model, or set optim.layer_decay = 1.0 "
+                            "(optim.backbone_lr_scale still scales the whole backbone)")

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from imgcls.data import store as store_mod
 from imgcls.data.augment import BatchAugment, normalize
 from imgcls.data.fingerprint import frame_inputs, source_fingerprint, store_key
+from imgcls.data.framing import cover_size
 from imgcls.data.images import open_image
 from imgcls.data.index_cache import cached_scan
 from imgcls.recipe import AugmentConfig
@@ -32,6 +33,7 @@ from imgcls.data.storelock import fill_lock
 from imgcls.data.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
                           working_size)
 from imgcls.data.transforms import Preprocess
+from imgcls.inference.predict import PIL_FILTERS
 
 OLD_NS = 1_600_000_000 * 10**9  # a fixed past mtime: files that have not changed lately, as real data
 
@@ -106,20 +108,22 @@ def test_eval_frame_holds_the_pixels_of_todays_eval_path(mixed, channels, crop_p
 
 @pytest.mark.parametrize("crop_pct, size, expected", [(1.0, None, (13, 17)), (0.875, None, (14, 19)),
                                                       (1.0, (40, 24), (40, 24))])
-def test_train_frame_is_a_plain_resize_to_the_working_size(mixed, crop_pct, size, expected):
+def test_train_frame_covers_the_working_size_with_the_aspect_kept(mixed, crop_pct, size, expected):
     p = pre((13, 17), 3, crop_pct, "bicubic")
     assert working_size(p, "train", size) == expected
     store = fill_memory(counting_split(mixed), p, "train", size)
     for k, path in enumerate(mixed):
-        resized = v2.Resize(expected, interpolation=p.interp, antialias=True)(p.convert(open_image(path)))
-        assert torch.equal(store.pixels[k], v2.ToImage()(resized)), path
+        image = p.convert(open_image(path))
+        h, w = cover_size(image.height, image.width, *expected)
+        framed = v2.CenterCrop(expected)(image.resize((w, h), PIL_FILTERS["bicubic"]))
+        assert torch.equal(store.pixels[k], v2.ToImage()(framed)), path
 
 
-def test_batch_augment_frames_the_train_frame_as_eval_does(tmp_path):
-    """crop_pct < 1: the train frame is stored at floor(size / crop_pct) so that BatchAugment's centre crop
-    gives, without augmentation, exactly the eval pixels, for images of the frame's aspect ratio (14 x 19)."""
+def test_batch_augment_frames_the_train_frame_as_eval_does(mixed):
+    """crop_pct < 1: the train frame is stored at floor(size / crop_pct), framed as eval frames (aspect ratio
+    kept, centre cut), so that BatchAugment's centre crop gives, without augmentation, exactly the eval pixels."""
     p = pre((13, 17), 3, 0.875, "bilinear")
-    paths = noise_images(tmp_path / "framed", [(19, 14), (38, 28), (95, 70)], ["RGB", "L", "RGB"])
+    paths = mixed
     train = fill_memory(counting_split(paths), p, "train")
     evaluation = fill_memory(counting_split(paths), p, "eval")
     index = torch.arange(len(paths))

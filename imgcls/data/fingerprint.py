@@ -31,7 +31,7 @@ import torchvision
 from imgcls.data.split import DataError, Split
 
 # Part of every key: bump it whenever what a cache holds or how it is laid out changes.
-FORMAT_VERSION = 2  # 2: eval frames keep the aspect ratio (framing.py); squashed stores are not reused
+FORMAT_VERSION = 2  # 2: frames keep the aspect ratio (framing.py); squashed stores are not reused
 
 
 def cache_root(cache_dir: str = "") -> Path:

@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from imgcls.recipe import DataConfig, RecipeError
 from imgcls.data.split import Split
 from imgcls.data.store import Framer, _Batches
-from imgcls.data.transforms import Preprocess
+from imgcls.data.transforms import Preprocess, ResizeCover
 
 NVJPEG_MODES = ("L", "RGB")  # JPEG colour modes nvJPEG decodes as PIL would (not CMYK, not YCCK)
 
@@ -102,7 +102,7 @@ def decode_batch(batch: EncodedBatch, device: torch.device, size: tuple[int, int
         for k, image in zip(jpegs, decoded):
             image = luma(image) if pre.channels == 1 else image
             out[k] = image if tuple(image.shape[-2:]) == tuple(size) else \
-                v2.functional.resize(image, list(size), interpolation=pre.interp, antialias=True)
+                v2.functional.center_crop(ResizeCover(size, pre.interp)(image), list(size))  # the store's train frame
     for k, item in enumerate(batch.items):
         if not isinstance(item, bytes):
             out[k] = item.to(device, non_blocking=True)

@@ -6,12 +6,13 @@
 
 Frames: what a stored image holds.
 - "eval": exactly the uint8 pixels `Preprocess.eval_transform` hands to ToDtype/Normalize: converted to the
-  model's channels, resized on the PIL image (and centre-cropped when crop_pct < 1) by that transform's own
-  ops. Normalizing a batch of them (`augment.normalize`) is today's eval input, bit for bit.
-- "train": converted and resized on the PIL image to a working size, no crop: image_size, or
-  floor(image_size / crop_pct) when crop_pct < 1, so that `BatchAugment` (whose no-crop path applies the eval
-  framing to inputs not at image_size) frames it as eval does. The size is a parameter: a random-resized-crop
-  recipe wants a larger working size to zoom into.
+  model's channels, resized on the PIL image with the aspect ratio kept to cover image_size / crop_pct and
+  centre-cut to image_size (framing.py) by that transform's own ops. Normalizing a batch of them
+  (`augment.normalize`) is today's eval input, bit for bit.
+- "train": converted, resized on the PIL image with the aspect ratio kept to cover a working size and
+  centre-cut to it: image_size, or floor(image_size / crop_pct) when crop_pct < 1, so that `BatchAugment`
+  (whose no-crop path centre-crops image_size from it) frames it as eval does. The size is a parameter: a
+  random-resized-crop recipe wants a larger working size to zoom into.
 
 Caches: "none" decodes the files of each batch (`DecodingImages`: the same pixels, no store); "memory" fills
 a tensor in shared memory (DataLoader workers, forked or started by spawn/forkserver, map it instead of
@@ -44,7 +45,7 @@ from imgcls.data.images import BAD_IMAGE_ERRORS
 from imgcls.data.pool import map_chunks
 from imgcls.data.split import DataError, Split
 from imgcls.data.storelock import START_WAIT_S, fill_lock, wait_for_filler
-from imgcls.data.transforms import Preprocess
+from imgcls.data.transforms import Preprocess, ResizeCover
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def frame_ops(pre: Preprocess, frame: str, size: tuple[int, int] | None = None) 
             raise RuntimeError(f"Preprocess.eval_transform no longer ends with ToImage, ToDtype, Normalize: {ops}; "
                                f"update imgcls.data.store.frame_ops")
         return v2.Compose(ops[:-3])
-    return v2.Compose([v2.Resize(working_size(pre, frame, size), interpolation=pre.interp, antialias=True)])
+    target = working_size(pre, frame, size)  # covered with the aspect ratio kept, then the centre, as eval does
+    return v2.Compose([ResizeCover(target, pre.interp), v2.CenterCrop(target)])
 
 
 def to_chw(image: Image.Image) -> torch.Tensor:
@@ -92,10 +94,10 @@ class Framer:
     def __init__(self, split: Split, pre: Preprocess, frame: str, size: tuple[int, int] | None = None):
         self.split, self.pre, self.ops = split, pre, frame_ops(pre, frame, size)
         self.shape = (pre.channels, *working_size(pre, frame, size))
-        # A frame that is one resize leaves an image already at its size as it is (PIL's resize to the same size
-        # is a copy), so such images skip the ~80 us of the v2 call: MNIST's 70,000 28x28 images
-        only_resize = [type(op) for op in self.ops.transforms] == [v2.Resize]
-        self.unchanged_at = (self.shape[2], self.shape[1]) if only_resize else None
+        # A frame with nothing to cut (train, or eval at crop_pct 1) leaves an image already at its size as it is,
+        # so such images skip the ~80 us of the v2 calls: MNIST's 70,000 28x28 images
+        nothing_to_cut = frame == "train" or pre.crop_pct >= 1.0
+        self.unchanged_at = (self.shape[2], self.shape[1]) if nothing_to_cut else None
         # train images are resized to the working size: a large JPEG may be decoded at 1/2-1/8 scale first
         self.draft = (self.shape[2], self.shape[1]) if frame == "train" else None
 

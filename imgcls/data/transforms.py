@@ -81,25 +81,31 @@ class Preprocess:
     def eval_transform(self) -> v2.Compose:
         """Resize keeping the aspect ratio to cover the frame, then the centre image_size (framing.py), on the
         PIL image, as predict/export do without torch: the same pixels on every path."""
-        return v2.Compose([ResizeCover(self.frame_size(), self.interp), v2.CenterCrop(self.image_size),
-                           *self._tail()])
+        return v2.Compose([*self._frame(), *self._center(), *self._tail()])
+
+    def _frame(self) -> list:
+        """Resize with the aspect ratio kept to cover the frame, then its centre: the stored train frame too."""
+        return [ResizeCover(self.frame_size(), self.interp), v2.CenterCrop(self.frame_size())]
+
+    def _center(self) -> list:
+        """image_size from the frame's centre (crop_pct < 1): the same two cuts as train's frame, then crop."""
+        return [v2.CenterCrop(self.image_size)] if self.frame_size() != tuple(self.image_size) else []
 
     def train_transform(self, aug: AugmentConfig) -> v2.Compose:
-        """Without random_resized_crop the image is resized to the frame (image_size / crop_pct) on the PIL image,
-        then cropped to image_size: at random from the padded frame with crop_padding, else in the center. The
-        train frame is a plain resize (the stored train images all have one size, which random crops need), so
-        with augmentation off train pixels are eval pixels for images of the frame's aspect ratio; others are
-        squeezed in train and centre-cut in eval (framing.py)."""
+        """Without random_resized_crop the image is framed as eval frames it (resized with its aspect ratio kept
+        to cover image_size / crop_pct, the centre of that, on the PIL image), then cropped to image_size: at
+        random from the padded frame with crop_padding, else in the center. With augmentation off, train pixels
+        are eval pixels."""
         h, w = self.image_size
         if aug.random_resized_crop:
             ops: list = [v2.RandomResizedCrop((h, w), scale=aug.scale, interpolation=self.interp, antialias=True),
                          v2.ToImage()]
         else:
-            ops = [self._resize(), v2.ToImage()]
+            ops = [*self._frame(), v2.ToImage()]
             if aug.crop_padding:
                 ops.append(v2.RandomCrop((h, w), padding=aug.crop_padding))
-            elif self.crop_pct < 1.0:
-                ops.append(v2.CenterCrop((h, w)))
+            else:
+                ops += self._center()
         if aug.rotation:
             ops.append(v2.RandomRotation(aug.rotation, interpolation=self.interp))
         if aug.hflip:

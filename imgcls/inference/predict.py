@@ -84,9 +84,10 @@ def prepare(image: Image.Image, pre: dict) -> np.ndarray:
     frame = (math.floor(h / crop_pct), math.floor(w / crop_pct)) if crop_pct < 1.0 else (h, w)
     rh, rw = cover_size(image.height, image.width, *frame)  # the aspect ratio kept, as in training
     image = _resize(image, (rh, rw), pre["interpolation"])
-    top, left = center_box(rh, rw, h, w)
-    if (rh, rw) != (h, w):
-        image = image.crop((left, top, left + w, top + h))
+    for ch, cw in (frame, (h, w)):  # the frame's centre, then image_size's centre of it: training's two cuts
+        top, left = center_box(image.height, image.width, ch, cw)
+        if (image.height, image.width) != (ch, cw):
+            image = image.crop((left, top, left + cw, top + ch))
     a = np.asarray(image, dtype=np.float32).reshape(h, w, -1).transpose(2, 0, 1)
     a = a * np.float32(1.0 / 255)
     mean = np.asarray(pre["mean"], dtype=np.float32)[:, None, None]
