@@ -41,8 +41,8 @@ def _probe_recipe(tmp_path, image_folder, epochs=0, extra="", file="tiny.toml", 
                           output_dir=out)
     text = recipe.read_text().replace(
         "[optim]", f'train_mode = "finetune"\nweights = "{weights_file}"\nfreeze_bn = true\n[optim]')
-    text = text.replace("epochs = 3", f"epochs = {epochs}").replace("[checkpoint]", f"[probe]\nenabled = true\n{probe}\n"
-                                                                                   "[checkpoint]")
+    text = text.replace("epochs = 3", f"epochs = {epochs}")
+    text = text.replace("[checkpoint]", f"[probe]\nenabled = true\n{probe}\n[checkpoint]")
     recipe.write_text(text.replace("lr = 0.1", "lr = 0.001"))  # a separable toy: the probe head is large
     return recipe
 
@@ -200,3 +200,34 @@ def test_sigkill_in_stage_1_then_resume_auto_fits_the_probe_again_and_matches(tm
     assert_same_run(resumed[0], only_run(tmp_path / "straight"))
     probe = next(r for r in metrics_rows(resumed[0]) if r["event"] == "probe")
     assert probe["feature_sets_cached"] >= 1  # what the killed run computed was kept
+
+
+@pytest.mark.slow
+def test_two_processes_fit_the_probe_on_every_feature_once_and_share_its_head(tmp_path, image_folder):
+    """Features computed half by each process and gathered (no duplicates: 160 train, 40 val), the head fitted
+    once and broadcast: the probe row and the probed model match a one-process run."""
+    import socket
+    import sys
+
+    one = _probe_recipe(tmp_path, image_folder, out=tmp_path / "one")
+    assert train_inprocess(one) == 0
+    two = _probe_recipe(tmp_path, image_folder, file="two.toml", out=tmp_path / "two")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "IMGCLS_CACHE": str(tmp_path / "cache2")}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", str(port), "-m", "imgcls.train", str(two)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run1, run2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    p1, p2 = ([r for r in metrics_rows(run) if r["event"] == "probe"] for run in (run1, run2))
+    assert len(p2) == 1 and (p2[0]["train_features"], p2[0]["l2"]) == (p1[0]["train_features"], p1[0]["l2"]) == \
+        (160, p1[0]["l2"])
+    assert p2[0]["val_loss"] == pytest.approx(p1[0]["val_loss"], rel=1e-4)
+    w1, w2 = weights(run1 / "model" / "best"), weights(run2 / "model" / "best")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    results = [json.loads((run / "results.json").read_text()) for run in (run1, run2)]
+    assert [r["test"]["top1"] for r in results] == [results[0]["test"]["top1"]] * 2

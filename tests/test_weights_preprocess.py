@@ -76,8 +76,10 @@ def test_convert_writes_timm_s_preprocessing_and_the_command_line_wins(tmp_path)
     assert {k: v for k, v in record.items() if k != "source"} == {
         "image_size": [224, 224], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
         "crop_pct": 0.875}
-    assert record["source"].startswith("timm ") and record["source"].endswith("pretrained_cfg of tf_efficientnet_lite0")
-    assert main(["efficientnet-pytorch", pth, str(out), "--model", "timm:tf_efficientnet_lite0", "--crop-pct", "1"]) == 0
+    assert record["source"].startswith("timm ")
+    assert record["source"].endswith("pretrained_cfg of tf_efficientnet_lite0")
+    assert main(["efficientnet-pytorch", pth, str(out), "--model", "timm:tf_efficientnet_lite0",
+                 "--crop-pct", "1"]) == 0
     carried = carried_preprocess(str(out))
     assert carried["crop_pct"] == 1.0 and carried["source"].endswith("; crop_pct given to imgcls.convert")
 
@@ -95,9 +97,9 @@ def test_a_run_uses_the_file_s_preprocessing_and_records_it(tmp_path, image_fold
     copy.write_bytes((only_run(tmp_path / "a", "a") / "model" / "best" / "model.safetensors").read_bytes())
     second = tmp_path / "b.toml"
     second.write_text(f'name = "b"\n[data]\nsource = "folder"\nroot = "{image_folder}"\nchannels = 1\nmean = [0.4]\n'
-                      f'std = [0.25]\n[model]\nname = "small_cnn"\nargs = {{ width = 8, dropout = 0.0 }}\ntrain_mode = "update"\n'
-                      f'weights = "{copy}"\n[train]\nepochs = 1\nglobal_batch_size = 16\n[checkpoint]\n'
-                      f'output_dir = "{tmp_path / "b"}"\n')
+                      f'std = [0.25]\n[model]\nname = "small_cnn"\nargs = {{ width = 8, dropout = 0.0 }}\n'
+                      f'train_mode = "update"\nweights = "{copy}"\n[train]\nepochs = 1\nglobal_batch_size = 16\n'
+                      f'[checkpoint]\noutput_dir = "{tmp_path / "b"}"\n')
     with caplog.at_level(logging.WARNING, logger="imgcls.models.pretrained"):
         assert train_inprocess(second) == 0
     run = only_run(tmp_path / "b", "b")

@@ -30,7 +30,7 @@ from imgcls.data.loaders import DataSplits, Images, make_loader
 from imgcls.data.store import open_store, working_size
 from imgcls.data.transforms import Preprocess
 from imgcls.models.registry import classifier_prefix
-from imgcls.recipe import Recipe
+from imgcls.recipe import Recipe, RecipeError
 from imgcls.training.features import VIEW_EPOCH, FeatureCache, model_identity
 from imgcls.training.metrics import from_logits
 
@@ -97,15 +97,17 @@ def head_linear(model: nn.Module, head: str) -> nn.Linear:
     module = model.get_submodule(head)
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"the classifier {head!r} of {type(model).__name__} has no Linear layer for a probe "
-                         f"(a convolutional classifier such as squeezenet's): turn [probe] off for this model")
+        raise RecipeError(f"probe.enabled: the classifier {head!r} of {type(model).__name__} has no Linear layer "
+                          f"to fit (a convolutional classifier such as squeezenet's): set probe.enabled = false "
+                          f"for this model")
     return linears[-1]
 
 
 @torch.no_grad()
 def set_head(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
     if linear.bias is None:
-        raise ValueError("the classifier has no bias: a probe head needs one")
+        raise RecipeError("probe.enabled: the classifier's Linear has no bias, which a probe head needs: set "
+                          "probe.enabled = false for this model")
     linear.weight.copy_(weight.to(linear.weight))
     linear.bias.copy_(bias.to(linear.bias))
 
@@ -161,7 +163,7 @@ def probe_stage(model: nn.Module, datasets: dict[str, Images], splits: DataSplit
     if accelerator.num_processes > 1:  # one fit, the same head everywhere (floats may differ between machines)
         weight, bias = broadcast(weight), broadcast(bias)
     set_head(linear, weight, bias)
-    if fit is None:
+    if fit is None:  # other processes: the head they received; the numbers are the main process's to log
         fit = ProbeFit(weight.cpu(), bias.cpu(), 0.0, 0.0, 0.0, 0.0)
     val = from_logits(vx @ weight.cpu().T + bias.cpu(), vy, weight.shape[0])
     row = {"views": recipe.probe.views, "train_features": len(tx), "feature_dim": tx.shape[1],
