@@ -87,9 +87,8 @@ class Trainer:
         self.scheduler = build_scheduler(r.schedule, optimizer, plan.steps_per_epoch, plan.total_steps)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loaders = {k: acc.prepare(v) for k, v in eval_loaders.items()}
-        acc.register_for_checkpointing(self.scheduler)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        # the scheduler and the EMA are saved by imgcls (ckpt.save_checkpoint), not registered with accelerate,
+        # whose custom states are pickles it loads with weights_only=False
         self.state = ckpt.TrainState(world_size=acc.num_processes)
         self.runlog = RunLog(acc, r, self.run_dir)
         if self.source is not None:
@@ -123,8 +122,10 @@ class Trainer:
         self.save_checkpoint()
 
     def restore(self, source: Path) -> None:
+        ckpt.check_no_pickles(source)
         self.accelerator.load_state(str(source))
         self.state = ckpt.read_train_state(source, self.micro_per_epoch)
+        ckpt.restore_extras(source, self.scheduler, self.ema, self.accelerator.process_index, self.state.world_size)
         if self.state.world_size != self.accelerator.num_processes:
             log.warning("resuming a run saved with %d process(es) on %d: the global batch is kept, the per-device "
                         "batch is re-derived; the mid-epoch data position is kept in global samples",
@@ -377,7 +378,8 @@ class Trainer:
         self.state.epoch_top1 = self.accelerator.gather(self.top1_counts.reshape(1, 2)).tolist()
         # collective, as every save: each process has its own sum, and the next log is their mean
         self.state.window_losses = self.accelerator.gather(self.loss_sum.reshape(1)).tolist()
-        ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state, self.recipe.checkpoint.keep_last)
+        ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state, self.recipe.checkpoint.keep_last,
+                             self.scheduler, self.ema)
         self.saved_step = self.state.step
 
     def finish(self) -> int:
@@ -501,7 +503,7 @@ def main(argv=None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (PreflightError, ShardError, NonFiniteLoss) as e:  # the environment or the run, not the recipe
+    except (PreflightError, ShardError, NonFiniteLoss, ckpt.CheckpointError) as e:  # the environment or the run, not the recipe
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the loop's own handler is installed: nothing was trained or saved

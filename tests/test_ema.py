@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import write_recipe
@@ -74,10 +75,9 @@ def test_sigkill_mid_epoch_then_resume_with_ema_is_bit_identical(tmp_path, image
 
     run_b = kill_mid_epoch_then_resume(_recipe(tmp_path, image_folder, "b", checkpoint=extra), tmp_path / "b")
     assert_same_run(run_a, run_b)  # val_ema and train_top1 rows included
-    ema_a = torch.load(complete_checkpoints(run_a)[-1] / "custom_checkpoint_1.pkl", weights_only=True)
-    ema_b = torch.load(complete_checkpoints(run_b)[-1] / "custom_checkpoint_1.pkl", weights_only=True)
-    assert ema_a["updates"] == ema_b["updates"] == 30
-    assert_same_weights(ema_a["weights"], ema_b["weights"])
+    ema_a, ema_b = (complete_checkpoints(run)[-1] / "ema.safetensors" for run in (run_a, run_b))
+    assert [safe_open(str(f), "pt").metadata()["updates"] for f in (ema_a, ema_b)] == ["30", "30"]
+    assert_same_weights(load_file(str(ema_a)), load_file(str(ema_b)))
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_select_ema_writes_the_ema_weights_to_model_best_and_tests_them(tmp_path
     assert train_inprocess(recipe) == 0
     run = only_run(tmp_path / "a")
     newest = complete_checkpoints(run)[-1]
-    ema = torch.load(newest / "custom_checkpoint_1.pkl", weights_only=True)["weights"]
+    ema = load_file(str(newest / "ema.safetensors"))
     assert_same_weights(weights(run / "model" / "best"), ema)
     assert_same_weights(weights(run / "model" / "last"), load_file(str(newest / "model.safetensors")))
     best, last = weights(run / "model" / "best"), weights(run / "model" / "last")

@@ -30,7 +30,7 @@ def test_run_directory_holds_exactly_the_promised_files(folder_recipe, tmp_path)
     run = only_run(tmp_path / "runs")
     artifact = {"model.safetensors", "config.json", "recipe.toml"}
     checkpoint = {"COMPLETE", "train_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
-                  "custom_checkpoint_0.pkl"}
+                  "scheduler.json"}
     expected = {"recipe.toml", "env.json", "metrics.jsonl", "train.log", "results.json"}
     expected |= {f"model/{kind}/{f}" for kind in ("best", "last") for f in artifact}
     expected |= {f"checkpoints/step-{s:07d}/{f}" for s in (20, 30) for f in checkpoint}  # keep_last = 2

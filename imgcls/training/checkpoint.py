@@ -1,8 +1,11 @@
 """`[checkpoint]`: resume state and the portable model artifact.
 
-Resume state = `accelerator.save_state` (model, optimizer, scheduler, scaler, per-process RNG, sampler) plus
-the registered `TrainState`, in `<run>/checkpoints/step-NNNNNNN/`. It is complete only once `COMPLETE` is
-written, last; anything else is never resumed from and is cleaned up.
+Resume state = `accelerator.save_state` (model as safetensors, optimizer, scaler, per-process RNG, sampler:
+files accelerate loads with weights_only=True) plus what imgcls writes itself: `train_state.json`,
+`scheduler.json` and `ema.safetensors` (accelerate's registered objects are pickles it loads with
+weights_only=False, so none is registered, and a checkpoint holding one is refused), in
+`<run>/checkpoints/step-NNNNNNN/`. It is complete only once `COMPLETE` is written, last; anything else is never
+resumed from and is cleaned up. A resume that cannot restore a process's RNG state stops (`restore_extras`).
 
 The artifact (`model/best`, `model/last`) is what predict/export/eval read: `model.safetensors`, `config.json`
 (architecture, class names, preprocessing, calibration) and the resolved `recipe.toml`. Both are written to a
@@ -18,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import load as accelerate_load
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from imgcls.data.classnames import check_class_names
@@ -26,6 +31,8 @@ from imgcls.models.pretrained import PREPROCESS_METADATA
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "imgcls-artifact/1"
+SCHEDULER_FILE = "scheduler.json"
+EMA_FILE = "ema.safetensors"
 MARKER = "COMPLETE"
 
 
@@ -101,8 +108,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
-    """Collective: every process calls it. Only the main process renames, marks and prunes."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from safely or exactly."""
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int, scheduler=None,
+                    ema=None) -> Path:
+    """Collective: every process calls it. Only the main process renames, marks and prunes. The scheduler
+    (JSON) and the EMA (safetensors) are written here, not registered with accelerate, whose custom states
+    are pickles it loads with weights_only=False."""
     dest = checkpoint_dir(run_dir, state.step)
     tmp = dest.with_name(f".{dest.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -112,12 +126,53 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: in
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=1))
+        if scheduler is not None:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict(), indent=1))
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                      str(tmp / EMA_FILE), metadata={"updates": str(ema.updates)})
         replace_dir(tmp, dest)
         (dest / MARKER).write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
         prune_checkpoints(run_dir, keep_last)
         log.info("checkpoint at step %d -> %s", state.step, dest)
     accelerator.wait_for_everyone()
     return dest
+
+
+def check_no_pickles(source: Path) -> None:
+    """Before `accelerator.load_state`: a registered object's state file (`custom_checkpoint_N.pkl`) would be
+    unpickled with weights_only=False by accelerate; imgcls writes none, so one there is refused."""
+    for planted in sorted(Path(source).glob("custom_checkpoint_*.pkl")):
+        raise CheckpointError(f"cannot resume from {source}: it holds {planted.name}, a pickle imgcls does not write "
+                              "(resuming would run whatever it holds). Delete the file if it is your own from an "
+                              "imgcls older than this check (its scheduler state is then lost: start anew), else "
+                              "do not resume from this folder")
+
+
+def restore_extras(source: Path, scheduler, ema, process_index: int, saved_world_size: int) -> None:
+    """After `accelerator.load_state`: the scheduler and EMA states imgcls wrote, and proof that this process's
+    torch RNG state was restored (accelerate logs a failure to load it at INFO and goes on). A process the
+    saved run did not have (resumed on more processes, which the trainer warns is not exact) has no state."""
+    source = Path(source)
+    if scheduler is not None:
+        scheduler.load_state_dict(json.loads((source / SCHEDULER_FILE).read_text()))
+    if ema is not None:
+        with safe_open(str(source / EMA_FILE), "pt") as f:
+            updates = int((f.metadata() or {})["updates"])
+        ema.load_state_dict({"updates": updates, "weights": load_file(str(source / EMA_FILE))})
+    if process_index >= saved_world_size:
+        return
+    rng = source / f"random_states_{process_index}.pkl"
+    try:
+        saved = accelerate_load(rng, weights_only=True)["torch_manual_seed"]  # tensors and numpy only
+    except Exception as e:
+        saved, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "it differs from the state now in effect"
+    if saved is None or not torch.equal(saved, torch.get_rng_state()):
+        raise CheckpointError(f"cannot resume from {source}: the RNG state of process {process_index} ({rng}) "
+                              f"could not be restored, so the run would not continue exactly ({why}). Resume from "
+                              "another checkpoint, or start anew")
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -3,7 +3,7 @@
     ema = WeightEma(model, decay=0.999, warmup_steps=2000)   # a copy of the (unwrapped) model, frozen, in eval
     ema.update(model)                                        # after each optimizer step
     evaluate(ema.module, ...)                                # the averaged model
-    accelerator.register_for_checkpointing(ema)              # state_dict / load_state_dict: saved with the run
+    checkpoint.save_checkpoint(..., ema=ema)                 # its weights and update count as safetensors
 
 Parameters and floating-point buffers (BatchNorm running statistics) are averaged, ema = d * ema + (1 - d) *
 weights, as timm's ModelEmaV2/V3 do by default: running statistics copied from the current model do not match the
