@@ -4,9 +4,8 @@ accelerate's pickled custom states), and a missing or unreadable RNG file stops 
 from __future__ import annotations
 
 import json
-import pickle
-
 import pytest
+import torch
 
 from conftest import write_recipe
 from helpers import only_run, train_inprocess
@@ -42,7 +41,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_loaded(tmp_path, image_
     assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))  # nothing imgcls writes is a pickle to trust
     marker = tmp_path / "owned"
     planted = checkpoint / "custom_checkpoint_0.pkl"  # where accelerate looks for a registered object's state
-    planted.write_bytes(pickle.dumps(_Payload(marker)))
+    torch.save(_Payload(marker), planted)  # torch's own format, as accelerate writes these files
     assert train_inprocess(recipe, "--resume", str(checkpoint)) == 1
     assert not marker.exists()
     assert (f"cannot resume from {checkpoint}: it holds {planted.name}, a pickle imgcls does not write "
