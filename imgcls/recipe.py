@@ -375,6 +375,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.epochs=3")
+    if "\n" in text or "\r" in text:  # TOML would read the next line as another key, which then goes nowhere
+        raise RecipeError(f"override {text!r}: a value cannot span lines; give each key its own section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -57,7 +57,7 @@ def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple
     """For each split, (item, "ErrorType: message") of every item that does not decode, in the split's order.
     A split whose images did not change since they were last checked is not decoded again."""
     files = [_result_file(split, cache_dir) for split in splits]
-    known = [json.loads(f.read_text()) if f is not None and f.is_file() else None for f in files]
+    known = [_read_result(f) for f in files]
     found = _decode_all(splits, [k for k, seen in enumerate(known) if seen is None])
     for k, f in enumerate(files):
         if known[k] is not None:
@@ -68,6 +68,17 @@ def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple
             tmp.write_text(json.dumps(found[k]))
             os.replace(tmp, f)
     return found
+
+
+def _read_result(f: Path | None) -> list | None:
+    """A cached result, or None (a miss) where there is none or it is empty, torn or not a list."""
+    if f is None or not f.is_file():
+        return None
+    try:
+        found = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, list) else None
 
 
 def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, str]]]:

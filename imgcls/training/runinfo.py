@@ -66,12 +66,18 @@ def load_run_recipe(path: str, overrides: list[str], resume: str) -> Recipe:
 
 
 def new_run_dir(recipe: Recipe) -> Path:
+    """A new folder named by the clock, created here (mkdir fails if it exists), so two runs started in the
+    same second never share one."""
     base = Path(recipe.checkpoint.output_dir).resolve() / recipe.name
+    base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run, k = base / stamp, 1
-    while run.exists():
-        run, k = base / f"{stamp}-{k}", k + 1
-    return run
+    while True:
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            run, k = base / f"{stamp}-{k}", k + 1
 
 
 def resolve_resume(recipe: Recipe, resume: str) -> Path | None:

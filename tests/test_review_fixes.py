@@ -1,0 +1,46 @@
+"""Small defects from the review (#19, #20), each with the test that failed before its fix."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_class_folders
+from imgcls.data.loaders import build_splits
+from imgcls.recipe import DataConfig, RecipeError, load_recipe
+from imgcls.training import runinfo
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    """#19 item 10: the folder was picked by exists() and made later with exist_ok=True."""
+    (tmp_path / "r.toml").write_text(f'name = "x"\n[data]\ndataset = "a/b"\n[checkpoint]\noutput_dir = "{tmp_path}"\n')
+    recipe = load_recipe(tmp_path / "r.toml")
+    monkeypatch.setattr(runinfo.time, "strftime", lambda fmt: "20261205-101500")
+    first, second = runinfo.new_run_dir(recipe), runinfo.new_run_dir(recipe)
+    assert (first.name, second.name) == ("20261205-101500", "20261205-101500-1")
+    assert first.is_dir() and second.is_dir()
+
+
+@pytest.mark.parametrize("value", ["5\nseed = 99", "5\r\nseed = 99"])
+def test_an_override_spanning_lines_is_refused(tmp_path, value):
+    """#20 item 21: 'train.log_every_steps=5\\nseed = 99' kept 5 and silently dropped the rest."""
+    (tmp_path / "r.toml").write_text('name = "x"\n[data]\ndataset = "a/b"\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "r.toml", [f"train.log_every_steps={value}"])
+    assert str(e.value) == (f"override {'train.log_every_steps=' + value!r}: a value cannot span lines; give each "
+                            "key its own section.key=value")
+
+
+@pytest.mark.parametrize("content", ["", '[[0, "Unidentif'])
+def test_an_empty_or_torn_image_check_cache_is_a_miss(tmp_path, content):
+    """#20 item 7: an empty or torn image-check JSON made every build_splits raise JSONDecodeError."""
+    root = write_class_folders(tmp_path / "imgs" / "train", ["a", "b"], 6).parent
+    write_class_folders(root / "val", ["a", "b"], 2, seed=1)
+    cfg = DataConfig(source="folder", root=str(root), image_size=(16, 16), channels=1, mean=[0.5], std=[0.25],
+                     cache_dir=str(tmp_path / "cache"))
+    build_splits(cfg)
+    checks = list((tmp_path / "cache" / "image-check").glob("*.json"))
+    assert len(checks) == 2
+    for f in checks:
+        f.write_text(content)
+    splits = build_splits(cfg)  # checked again, and the files rewritten whole
+    assert (len(splits.train), len(splits.val)) == (12, 4)
+    assert all(f.read_text().startswith("[") and f.read_text().endswith("]") for f in checks)
