@@ -44,3 +44,24 @@ def test_an_empty_or_torn_image_check_cache_is_a_miss(tmp_path, content):
     splits = build_splits(cfg)  # checked again, and the files rewritten whole
     assert (len(splits.train), len(splits.val)) == (12, 4)
     assert all(f.read_text().startswith("[") and f.read_text().endswith("]") for f in checks)
+
+
+def test_torchscript_export_needs_no_onnx_installed(tmp_path, image_folder, monkeypatch):
+    """#19 item 17: the export report imported onnx and onnxruntime whatever the formats, so
+    export.formats = ["torchscript"] without the [export] extra crashed finish() after training."""
+    import json
+    import sys
+
+    from conftest import write_recipe
+    from helpers import only_run, train_inprocess
+    from imgcls.inference.export import main as export_main
+
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{image_folder}"')
+    assert train_inprocess(recipe, "train.epochs=1") == 0
+    best = only_run(tmp_path / "runs") / "model" / "best"
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import onnx` now raises ImportError
+    assert export_main([str(best), "--format", "torchscript"]) == 0
+    report = json.loads((best / "export" / "export_report.json").read_text())
+    assert set(report["formats"]) == {"torchscript"} and report["passed"] is True
+    assert "onnx" not in report["versions"] and "torch" in report["versions"]

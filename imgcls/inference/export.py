@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import io
 import json
 import logging
@@ -309,10 +310,14 @@ def main(argv=None) -> int:
 
 
 def _runtime_versions() -> dict:
-    import onnx
-    import onnxruntime
-
-    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    """onnx's and onnxruntime's versions where they are installed (a TorchScript-only export needs neither)."""
+    found = {}
+    for name in ("onnx", "onnxruntime"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            continue
+    return found
 
 
 if __name__ == "__main__":
