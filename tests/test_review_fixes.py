@@ -65,3 +65,44 @@ def test_torchscript_export_needs_no_onnx_installed(tmp_path, image_folder, monk
     report = json.loads((best / "export" / "export_report.json").read_text())
     assert set(report["formats"]) == {"torchscript"} and report["passed"] is True
     assert "onnx" not in report["versions"] and "torch" in report["versions"]
+
+
+def test_a_fifo_named_like_an_image_is_a_bad_image_not_a_hang(tmp_path):
+    """#20 item 14: a FIFO named x.png hung imgcls-predict and the image check (opening it waits for a writer)."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    code = ("from imgcls.data.images import BAD_IMAGE_ERRORS, check_image, open_image\n"
+            "for f in (open_image, check_image):\n"
+            "    try:\n        f(%r)\n    except BAD_IMAGE_ERRORS as e:\n        print(type(e).__name__, e)\n"
+            % str(fifo))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"OSError {fifo}: not a regular file (a FIFO, device, socket or folder); "
+                                        "images are read from regular files only"] * 2
+
+
+@pytest.mark.parametrize("mode", ["update", "finetune"])
+def test_weights_of_the_right_shape_but_another_kind_or_not_finite_are_refused(mode):
+    """#20 item 22: int8, bool, complex or NaN tensors of the right shape loaded silently."""
+    import torch
+
+    from imgcls.models.registry import build_model
+    from imgcls.models.weights import load_state
+    from imgcls.recipe import ModelConfig
+
+    model = build_model(ModelConfig(name="small_cnn", args={"width": 8, "dropout": 0.0}), 4, 1, (16, 16))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["features.0.0.weight"] = state["features.0.0.weight"].to(torch.int8)
+    state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
+    state["head.bias"] = state["head.bias"].to(torch.complex64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError) as e:
+        load_state(model, state, mode, 1, "w.safetensors")
+    assert str(e.value) == ("model.weights: w.safetensors: tensors that cannot be weights: features.0.0.weight "
+                            "(torch.int8 for torch.float32), head.bias (torch.complex64 for torch.float32), "
+                            "head.weight (not finite)")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from typing import Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,7 +28,24 @@ BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombErro
 
 
 def _open(source: ImageSource) -> Image.Image:
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return Image.open(io.BytesIO(source if isinstance(source, bytes) else _read_regular_file(source)))
+
+
+def _read_regular_file(path: Union[str, os.PathLike]) -> bytes:
+    """The bytes of `path`, if it is a regular file. Opened non-blocking and checked on the open descriptor (no
+    window for a swap between a check and the open): a FIFO named x.png would otherwise wait for a writer
+    forever, a device would be read without end. Read whole, so no descriptor outlives the call."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.fsdecode(path)}: not a regular file (a FIFO, device, socket or folder); images are "
+                          "read from regular files only")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def open_image(source: ImageSource, draft: tuple[int, int] | None = None) -> Image.Image:

@@ -89,6 +89,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], mode: str, in_c
     model = _unwrap(model)
     own = model.state_dict()
     where = f"{key}: {source}"
+    _check_values(state, own, where)
     if mode == "update":
         _raise_on_mismatch(state, own, where, "does not fit the model exactly (train_mode = 'update'; "
                            "'finetune' replaces a classifier that does not fit)")
@@ -98,6 +99,20 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], mode: str, in_c
     else:
         raise ValueError(f"load_weights: mode must be 'finetune' or 'update', got {mode!r}")
     _info("model weights loaded from %s (%s)", source, mode)
+
+
+def _check_values(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> None:
+    """A file may come from anyone: every tensor meant for the model is of its kind (floating point where the
+    model's is, integer where it counts) and finite; else nothing is loaded."""
+    bad = []
+    for k in sorted(k for k in state if k in own):
+        v, mine = state[k], own[k]
+        if v.is_complex() or v.dtype == torch.bool or v.is_floating_point() != mine.is_floating_point():
+            bad.append(f"{k} ({v.dtype} for {mine.dtype})")
+        elif v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad.append(f"{k} (not finite)")
+    if bad:
+        raise RecipeError(f"{where}: tensors that cannot be weights: {_listing(bad)}")
 
 
 def _raise_on_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str, why: str,
