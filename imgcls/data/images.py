@@ -28,7 +28,13 @@ BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombErro
 
 
 def _open(source: ImageSource) -> Image.Image:
-    return Image.open(io.BytesIO(source if isinstance(source, bytes) else _read_regular_file(source)))
+    if isinstance(source, bytes):
+        return Image.open(io.BytesIO(source))
+    data = _read_regular_file(source)
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's own words, naming the file rather than the buffer
+        raise UnidentifiedImageError(f"cannot identify image file {os.fspath(source)!r}") from None
 
 
 def _read_regular_file(path: Union[str, os.PathLike]) -> bytes:
