@@ -25,13 +25,18 @@ def _pretrained_pth(path, num_classes=1000):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_finetune_from_pth_with_frozen_backbone(tmp_path, image_folder):
+def _finetune_one_epoch(tmp_path, image_folder, model_keys: str):
+    """The .pth's tensors, and the run that fine-tuned from it for one epoch with `model_keys` in [model]."""
     saved = _pretrained_pth(tmp_path / "pretrained.pth")
     recipe = write_recipe(tmp_path / "ft.toml", f'source = "folder"\nroot = "{image_folder}"')
     recipe.write_text(recipe.read_text().replace(
-        "[optim]", f'train_mode = "finetune"\nweights = "{tmp_path / "pretrained.pth"}"\nfreeze = "backbone"\n[optim]'))
+        "[optim]", f'train_mode = "finetune"\nweights = "{tmp_path / "pretrained.pth"}"\n{model_keys}\n[optim]'))
     assert train_inprocess(recipe, "train.epochs=1") == 0
-    run = only_run(tmp_path / "runs")
+    return saved, only_run(tmp_path / "runs")
+
+
+def test_finetune_from_pth_with_frozen_backbone(tmp_path, image_folder):
+    saved, run = _finetune_one_epoch(tmp_path, image_folder, 'freeze = "backbone"')
     trained = weights(run / "model" / "last")
 
     backbone = [k for k in saved if not k.startswith("head.")]
@@ -57,12 +62,8 @@ def test_update_continues_from_a_previous_run_with_its_head(tmp_path, image_fold
 
 
 def test_freeze_bn_keeps_every_running_statistic_while_the_rest_trains(tmp_path, image_folder):
-    saved = _pretrained_pth(tmp_path / "pretrained.pth")
-    recipe = write_recipe(tmp_path / "ft.toml", f'source = "folder"\nroot = "{image_folder}"')
-    recipe.write_text(recipe.read_text().replace(
-        "[optim]", f'train_mode = "finetune"\nweights = "{tmp_path / "pretrained.pth"}"\nfreeze_bn = true\n[optim]'))
-    assert train_inprocess(recipe, "train.epochs=1") == 0
-    trained = weights(only_run(tmp_path / "runs") / "model" / "last")
+    saved, run = _finetune_one_epoch(tmp_path, image_folder, "freeze_bn = true")
+    trained = weights(run / "model" / "last")
     stats = [k for k in saved if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(trained[k], saved[k]) for k in stats)
     assert all(torch.equal(trained[k], saved[k]) for k in saved if k.endswith("num_batches_tracked"))

@@ -59,19 +59,20 @@ class WeightsError(RecipeError):
     """Pretrained weights that cannot be had here: not cached and not downloadable, or a damaged cached file."""
 
 
-def _info(msg: str) -> None:
+def _say(level: int, msg: str) -> None:
+    """Once per job under accelerate; plain logging before any Accelerator/PartialState exists."""
     try:
-        _log.info(msg)
+        _log.log(level, msg)
     except RuntimeError:
-        logging.getLogger(__name__).info(msg)
+        logging.getLogger(__name__).log(level, msg)
+
+
+def _info(msg: str) -> None:
+    _say(logging.INFO, msg)
 
 
 def _warn(msg: str) -> None:
-    """Once per job under accelerate; plain logging before any Accelerator/PartialState exists."""
-    try:
-        _log.warning(msg)
-    except RuntimeError:
-        logging.getLogger(__name__).warning(msg)
+    _say(logging.WARNING, msg)
 
 
 # ---------------------------------------------------------------- where weights come from
