@@ -16,7 +16,9 @@ The parity check feeds real images (the recipe's validation split, `export.parit
 each exported file *with the preprocessing stored in that file*, and the PyTorch model with the artifact's
 own, and compares logits at batch 1 and batch k. Above `export.parity_atol` (--atol) the command exits 1 and
 says by how much; fp16 is held to max(atol, 1% of the largest logit). Defaults come from the artifact's
-recipe.toml `[export]`. --check-only re-checks files already in the output folder.
+recipe.toml `[export]`. --check-only re-checks ONNX files already in the output folder; it refuses TorchScript
+and torch.export files, whose loading can run code stored in them: those are checked only from the bytes this
+process has just written (see SECURITY.md).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FILES = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "torchscript": "model.torchscript.pt",
          "torch_export": "model.pt2"}
+WRITTEN_HERE_ONLY = ("torchscript", "torch_export")  # pickles inside: loaded only from bytes this process wrote
 EXTRA_FILE = f"{META_KEY}.json"
 FP16_RTOL = 1e-2
 DYNAMO_MIN_OPSET = 18  # the torch.export-based ONNX exporter emits opset >= 18; older opsets use the legacy one
@@ -134,43 +137,71 @@ def write_onnx(proto, meta: dict, path: Path, fp16: bool = False) -> None:
     _atomic(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
-def write_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+def _write_bytes(path: Path, save: Callable[[io.BytesIO], None]) -> bytes:
+    """The file's bytes, serialised in memory and then written atomically: the check loads these very bytes."""
+    buffer = io.BytesIO()
+    save(buffer)
+    data = buffer.getvalue()
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+    return data
+
+
+def write_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> bytes:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(model, example)
-        _atomic(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)}))
+        return _write_bytes(path, lambda f: torch.jit.save(traced, f, _extra_files={EXTRA_FILE: json.dumps(meta)}))
 
 
-def write_program(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> None:
+def write_program(model: torch.nn.Module, example: torch.Tensor, meta: dict, path: Path) -> bytes:
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    _atomic(path, lambda tmp: torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: json.dumps(meta)}))
+    return _write_bytes(path, lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: json.dumps(meta)}))
 
 
-def load_exported(fmt: str, path: Path) -> Predictor:
-    """An exported file as a Predictor, with the metadata read back from the file itself."""
+def check_only_refusal(formats: list[str], out: Path) -> str | None:
+    """Why --check-only will not check these formats, or None. TorchScript and torch.export files are pickles
+    inside (torch.jit.load and torch.export.load can run code stored in them), so imgcls loads them only from
+    the bytes this process has just written, never from a file found in a folder."""
+    refused = [fmt for fmt in formats if fmt in WRITTEN_HERE_ONLY]
+    if not refused:
+        return None
+    files = ", ".join(str(out / FILES[fmt]) for fmt in refused)
+    return (f"--check-only does not load {files}: loading a TorchScript or torch.export file can run code stored "
+            f"in it, so imgcls checks those formats only right after writing them; run imgcls-export without "
+            f"--check-only to write and check them anew, or re-check the ONNX files only (--format onnx)")
+
+
+def load_exported(fmt: str, path: Path, written: bytes | None = None) -> Predictor:
+    """An exported file as a Predictor, with the metadata read back from the file itself. TorchScript and
+    torch.export are read from `written`, the bytes this process serialised, never from the file on disk."""
     if fmt.startswith("onnx"):
         return load_onnx(path)
+    if written is None:
+        raise ValueError(check_only_refusal([fmt], path.parent))
     extra = {EXTRA_FILE: ""}
     with _quiet():
-        module = torch.jit.load(str(path), _extra_files=extra) if fmt == "torchscript" else \
-            torch.export.load(str(path), extra_files=extra).module()
+        module = torch.jit.load(io.BytesIO(written), _extra_files=extra) if fmt == "torchscript" else \
+            torch.export.load(io.BytesIO(written), extra_files=extra).module()
     return torch_predictor(module, json.loads(extra[EXTRA_FILE]), str(path))
 
 
-def export_one(fmt: str, model, example, opset: int, meta: dict, out: Path, onnx_cache: dict) -> dict:
-    """Write one format; `onnx_cache` keeps the fp32 ONNX graph so that fp16 does not export it again."""
+def export_one(fmt: str, model, example, opset: int, meta: dict, out: Path,
+               onnx_cache: dict) -> tuple[dict, bytes | None]:
+    """Write one format; `onnx_cache` keeps the fp32 ONNX graph so that fp16 does not export it again.
+    Returns (report info, the bytes written for TorchScript / torch.export, else None)."""
     path = out / FILES[fmt]
     info: dict = {"file": path.name}
+    written = None
     if fmt.startswith("onnx"):
         if "proto" not in onnx_cache:
             onnx_cache["proto"], onnx_cache["exporter"] = onnx_proto(model, example, opset)
         write_onnx(onnx_cache["proto"], meta, path, fp16=fmt == "onnx_fp16")
         info.update(exporter=onnx_cache["exporter"], opset=opset)
     elif fmt == "torchscript":
-        write_torchscript(model, example, meta, path)
+        written = write_torchscript(model, example, meta, path)
     else:
-        write_program(model, example, meta, path)
+        written = write_program(model, example, meta, path)
     info["bytes"] = path.stat().st_size
-    return info
+    return info, written
 
 
 # ---------------------------------------------------------------- the check
@@ -235,10 +266,10 @@ def run_export(folder: Path, formats: list[str], out: Path, opset: int, images: 
     report, onnx_cache = {}, {}
     for fmt in formats:
         try:
-            info = {"file": FILES[fmt]} if check_only else \
+            info, written = ({"file": FILES[fmt]}, None) if check_only else \
                 export_one(fmt, model, example, opset, meta, out, onnx_cache)
             log.info("%s: %s; checking parity on %d images", fmt, out / FILES[fmt], len(images))
-            candidate = load_exported(fmt, out / FILES[fmt])
+            candidate = load_exported(fmt, out / FILES[fmt], written)
             report[fmt] = {**info, **parity(reference, meta["class_names"], candidate, images, atol,
                                             fp16=fmt == "onnx_fp16")}
         except Exception as e:  # one format failing to export must not hide the others' results
@@ -265,7 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parity-images", type=int, metavar="N",
                    help="images in the check (default: export.parity_images)")
     p.add_argument("--atol", type=float, metavar="X", help="max |Δlogit| allowed (default: export.parity_atol)")
-    p.add_argument("--check-only", action="store_true", help="re-check the files already in --out")
+    p.add_argument("--check-only", action="store_true",
+                   help="re-check the ONNX files already in --out (TorchScript and torch.export files are refused: "
+                        "loading them can run code)")
     return p.parse_args(argv)
 
 
@@ -296,7 +329,12 @@ def main(argv=None) -> int:
     out = args.out or folder / "export"
     opset = args.opset or recipe.export.opset
     atol = args.atol if args.atol is not None else recipe.export.parity_atol
-    formats = run_export(folder, resolve_formats(args, recipe), out, opset, images, atol, args.check_only)
+    asked = resolve_formats(args, recipe)
+    refusal = check_only_refusal(asked, out) if args.check_only else None
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    formats = run_export(folder, asked, out, opset, images, atol, args.check_only)
     report = {"artifact": str(folder), "images": {"source": where, "n": len(images)}, "opset": opset,
               "versions": {"torch": torch.__version__, **_runtime_versions()}, "formats": formats,
               "passed": all(r["passed"] for r in formats.values())}
