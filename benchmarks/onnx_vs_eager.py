@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from imgcls.training.checkpoint import artifact_path, load_artifact
+from imgcls.inference.artifact import artifact_path, load_artifact
 from imgcls.inference.export import onnx_proto, write_onnx
 from imgcls.inference.predict import deploy_metadata
 from imgcls.recipe import load_recipe

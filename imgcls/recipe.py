@@ -23,9 +23,7 @@ else:  # pragma: no cover
 
 import tomli_w
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message lists every problem by dotted key."""
+from imgcls.errors import RecipeError
 
 
 class Section(BaseModel):

@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from imgcls.inference.artifact import save_artifact
 from imgcls.training import checkpoint as ckpt
 from imgcls.training.calibration import calibrate_artifact
 from imgcls.data.loaders import make_datasets, make_loader, train_sampler
@@ -31,18 +32,20 @@ from imgcls.training.distributed import apply_cpu_threads, bf16_cpu_warning, cre
 from imgcls.exitcodes import EXIT_PREEMPTED, EXIT_USAGE
 from imgcls.training.ema import WeightEma
 from imgcls.data.gpu_decode import check_gpu_decode
-from imgcls.training.guards import Deadline, NonFiniteGuard, NonFiniteLoss, nonfinite_message
+from imgcls.training.guards import Deadline, NonFiniteGuard, nonfinite_message
+from imgcls.errors import NonFiniteLoss
 from imgcls.data.imbalance import class_weights, describe_weights, split_labels
 from imgcls.training.metrics import evaluate, per_class_accuracy, scalars
 from imgcls.training.plan import Plan, make_plan
-from imgcls.training.preflight import PreflightError
+from imgcls.errors import PreflightError
 from imgcls.training.probe import probe_stage
 from imgcls.training.optim import build_optimizer, build_scheduler
-from imgcls.recipe import Recipe, RecipeError, TrainConfig, recipe_to_toml
+from imgcls.recipe import Recipe, TrainConfig, recipe_to_toml
+from imgcls.errors import RecipeError
 from imgcls.training.runinfo import load_run_recipe, setup_logging, setup_run, write_json, write_run_files
-from imgcls.data.shard_cache import ShardError
+from imgcls.errors import ShardError
 from imgcls.training.signals import StopSignal, resume_command
-from imgcls.data.sources import DataError
+from imgcls.errors import DataError
 from imgcls.tracking.runlog import RunLog
 from imgcls.data.transforms import Preprocess, batch_mix
 from imgcls.models.weights import set_train_mode
@@ -367,7 +370,7 @@ class Trainer:
         ema_best = self.ema is not None and self.recipe.checkpoint.select_ema  # model/last keeps the trained weights
         for kind in ("last", "best") if is_best else ("last",):
             chosen = self.ema.module.state_dict() if kind == "best" and ema_best else tensors
-            ckpt.save_artifact(self.run_dir / "model" / kind, model, config, recipe_to_toml(self.recipe),
+            save_artifact(self.run_dir / "model" / kind, model, config, recipe_to_toml(self.recipe),
                                state_dict=chosen)
 
     def save_checkpoint(self) -> None:

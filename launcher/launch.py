@@ -36,8 +36,10 @@ from collections.abc import Mapping, Sequence
 import yaml
 
 from imgcls.data.pool import usable_cores
-from imgcls.training.preflight import TIMEOUT_ENV, Expected, PreflightError, preflight_timeout
-from imgcls.recipe import Recipe, RecipeError, load_recipe, per_device_batch
+from imgcls.errors import LaunchError, PreflightError, RecipeError
+from imgcls.recipe import Recipe, load_recipe, per_device_batch
+from imgcls.training.preflight import TIMEOUT_ENV, Expected, preflight_timeout
+from imgcls.training.signals import RESUME_ENV, absolute_paths
 from launcher.supervise import run_accelerate
 
 PLACEHOLDER_ADDRESS = "MAIN_NODE_ADDRESS"  # what accelerate_configs/multi_node.yaml ships with
@@ -46,10 +48,6 @@ DEFAULT_PORT = 29500
 # a large checkpoint save short); it reads the variable when accelerate starts its agent
 SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 SHUTDOWN_TIMEOUT_S = 120
-
-
-class LaunchError(ValueError):
-    """The launch cannot be assembled (missing address, wrong process count...); nothing was started."""
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -134,6 +132,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     args.extra = extra
     return args
+
+
+def relaunch_command(argv: list[str]) -> str:
+    """`imgcls-launch RECIPE [overrides] [options] --` and the trainer arguments but --resume: what a stopped
+    run's resume command starts with (paths made absolute, so it works from any folder)."""
+    args = parse_args(argv)
+    head = argv[:argv.index("--")] if "--" in argv else argv
+    head = [os.path.abspath(w) if w == args.recipe else w for w in absolute_paths(head, ("--config",))]
+    extra = [w for k, w in enumerate(args.extra) if w != "--resume" and args.extra[k - 1:k] != ["--resume"]]
+    return shlex.join(["imgcls-launch", *head, "--", *extra])
 
 
 def accelerate_default_config(env: Mapping[str, str]) -> str | None:
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     os.environ.update(extra_env)
+    os.environ[RESUME_ENV] = relaunch_command(sys.argv[1:] if argv is None else list(argv))
     expected = None
     if hw["num_machines"] > 1:
         expected = Expected(hw["num_machines"], cfg["num_processes"] // hw["num_machines"], hw["machine_rank"],

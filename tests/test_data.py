@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_hub_layout
 from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.recipe import DataConfig
-from imgcls.data.sources import DataError
+from imgcls.errors import DataError
 from imgcls.data.transforms import Preprocess
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])

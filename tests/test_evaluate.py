@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
-from imgcls.training.calibration import calibrate, ece, fit_temperature, softmax
+from imgcls.training.calibration import calibrate, fit_temperature
+from imgcls.inference.calibration import ece, softmax
 from imgcls.inference.evaluate import main as eval_main, per_class_scores
 
 

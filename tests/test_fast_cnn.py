@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from imgcls.models.registry import build_model, count_parameters
-from imgcls.recipe import ModelConfig, RecipeError
+from imgcls.models.registry import build_model
+from imgcls.models.parts import count_parameters
+from imgcls.recipe import ModelConfig
+from imgcls.errors import RecipeError
 
 
 def _build(channels: int = 3, side: tuple[int, int] = (32, 32), **args) -> nn.Module:

@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import write_recipe
 from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.data.gpu_decode import EncodedBatch, EncodedImages, decode_batch
-from imgcls.recipe import DataConfig, RecipeError, load_recipe
+from imgcls.recipe import DataConfig, load_recipe
+from imgcls.errors import RecipeError
 from imgcls.data.store import DecodingImages
 from imgcls.train import main as train_main
 from imgcls.data.transforms import Preprocess

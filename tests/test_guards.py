@@ -16,7 +16,8 @@ from helpers import metrics_rows, only_run, train_inprocess, weights
 from imgcls.training import guards
 from imgcls.training.checkpoint import complete_checkpoints
 from imgcls.models.registry import SmallCNN
-from imgcls.recipe import RecipeError, TrainConfig, load_recipe
+from imgcls.recipe import TrainConfig, load_recipe
+from imgcls.errors import RecipeError
 
 pytestmark = pytest.mark.slow
 

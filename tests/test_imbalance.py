@@ -16,8 +16,10 @@ from helpers import assert_same_run, kill_mid_epoch_then_resume, metrics_rows, o
 from imgcls.data.loaders import build_splits, make_datasets, make_loader, train_sampler
 from imgcls.data.imbalance import BalancedSampler, class_weights, describe_weights, split_labels
 from imgcls.training.metrics import balanced_accuracy, macro_f1, scalars
-from imgcls.recipe import DataConfig, RecipeError, load_recipe
-from imgcls.data.split import DataError, Split
+from imgcls.recipe import DataConfig, load_recipe
+from imgcls.errors import RecipeError
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 SKEW = {"a": 72, "b": 72, "c": 8, "d": 8}  # 160 train images: 10 steps of 16 per epoch
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, write_class_folders
 from imgcls.data.loaders import build_splits
 from imgcls.recipe import DataConfig
-from imgcls.data.sources import DataError
+from imgcls.errors import DataError
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
 FOOTER = "Fix these labels, or set data.allow_rare_classes = true to train with these classes."
@@ -196,7 +196,7 @@ def test_a_class_name_that_cannot_be_a_label_is_refused_before_training(tmp_path
 
     from imgcls.data.loaders import build_splits
     from imgcls.recipe import DataConfig
-    from imgcls.data.split import DataError
+    from imgcls.errors import DataError
 
     lines = []
     for k in range(12):

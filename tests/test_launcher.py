@@ -15,8 +15,10 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from imgcls.training.preflight import Expected, PreflightError, preflight_timeout, rendezvous_failure_message
-from imgcls.recipe import RecipeError, load_recipe
+from imgcls.training.preflight import Expected, preflight_timeout, rendezvous_failure_message
+from imgcls.errors import PreflightError
+from imgcls.recipe import load_recipe
+from imgcls.errors import RecipeError
 from launcher import launch
 from launcher.launch import (PLACEHOLDER_ADDRESS, SHUTDOWN_ENV, SHUTDOWN_TIMEOUT_S, build_command, expand_nodelist,
                              main, slurm_environment)

@@ -12,10 +12,11 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from imgcls.models.gem import GeM
-from imgcls.models.registry import (accepted_args, available_models, build_model, check_model_args, classifier_prefix,
-                           count_parameters, first_conv)
+from imgcls.models.parts import classifier_prefix, count_parameters, first_conv
+from imgcls.models.registry import (accepted_args, available_models, build_model, check_model_args)
 from imgcls.models.weights import apply_freeze, load_weights, set_train_mode
-from imgcls.recipe import ModelConfig, RecipeError
+from imgcls.recipe import ModelConfig
+from imgcls.errors import RecipeError
 
 NUM_CLASSES = 10
 
@@ -187,7 +188,7 @@ def test_finetune_keeps_backbone_and_reinitialises_head(imagenet_like, tmp_path,
     path = _save(imagenet_like, tmp_path, fmt)
     model = _resnet18()
     fresh_head = model.fc.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="imgcls.models.registry"):
+    with caplog.at_level(logging.INFO, logger="imgcls.models"):
         load_weights(model, str(path), "finetune", in_channels=3)
     loaded = model.state_dict()
     for key, tensor in imagenet_like.items():
@@ -225,7 +226,7 @@ def test_finetune_refuses_a_checkpoint_of_another_architecture(tmp_path):
 
 def test_rgb_weights_into_a_one_channel_model(imagenet_like, tmp_path, caplog):
     model = _resnet18(in_channels=1)
-    with caplog.at_level(logging.INFO, logger="imgcls.models.registry"):
+    with caplog.at_level(logging.INFO, logger="imgcls.models"):
         load_weights(model, str(_save(imagenet_like, tmp_path, "pth")), "finetune", in_channels=1)
     expected = imagenet_like["conv1.weight"].sum(dim=1, keepdim=True)
     assert model.conv1.weight.shape == (64, 1, 7, 7)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from imgcls.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from imgcls.recipe import OptimConfig, RecipeError, ScheduleConfig
+from imgcls.recipe import OptimConfig, ScheduleConfig
+from imgcls.errors import RecipeError
 
 
 def _net() -> nn.Module:

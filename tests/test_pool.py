@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from imgcls.data.pool import map_chunks
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 
 
 def pid_and_square(shared, chunk):

@@ -19,7 +19,8 @@ from helpers import (assert_same_run, kill_mid_epoch_then_resume, metrics_rows, 
 from imgcls.data.fingerprint import frame_inputs
 from imgcls.data.loaders import build_splits
 from imgcls.models.registry import build_model
-from imgcls.recipe import ModelConfig, RecipeError, load_recipe
+from imgcls.recipe import ModelConfig, load_recipe
+from imgcls.errors import RecipeError
 from imgcls.training.checkpoint import complete_checkpoints
 from imgcls.training.features import FeatureCache, model_identity
 from imgcls.training.probe import fit_probe

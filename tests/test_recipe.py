@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, write_recipe
-from imgcls.recipe import Recipe, RecipeError, load_recipe, recipe_diff, recipe_to_toml
+from imgcls.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
+from imgcls.errors import RecipeError
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 HUB_DATA = 'source = "hub"\ndataset = "someone/tiny"'

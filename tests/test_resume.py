@@ -14,7 +14,8 @@ from conftest import write_recipe
 from helpers import (assert_same_run, kill_mid_epoch_then_resume, assert_same_weights, only_run, stable_rows,
                      subprocess_env, train_cmd, train_inprocess, wait_for_checkpoint, weights)
 from imgcls.training.checkpoint import MARKER, complete_checkpoints, find_resume
-from imgcls.recipe import RecipeError, load_recipe
+from imgcls.recipe import load_recipe
+from imgcls.errors import RecipeError
 from imgcls.train import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -162,7 +163,7 @@ def test_pruning_renames_before_deleting(tmp_path):
 
 def test_a_kill_between_the_two_renames_of_an_artifact_loses_nothing(tmp_path):
     """replace_dir renames best -> .best.old, then .best.tmp -> best; a kill in between leaves only .best.old."""
-    from imgcls.training.checkpoint import load_artifact, save_artifact
+    from imgcls.inference.artifact import load_artifact, save_artifact
     from imgcls.models.registry import build_model
     from imgcls.recipe import ModelConfig
 
@@ -205,7 +206,8 @@ def test_processes_that_see_different_checkpoints_are_refused():
 def test_the_printed_resume_command_repeats_the_launcher_with_the_run_folder(tmp_path, monkeypatch):
     """The parent's command line says how the run was launched; the printed command repeats that launcher
     (paths made absolute, so it works from any folder) and names the run, whose own recipe it then uses."""
-    from imgcls.training.signals import resume_command
+    from imgcls.training.signals import RESUME_ENV, resume_command
+    from launcher.launch import relaunch_command
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.yaml").write_text("x: 1")
@@ -214,8 +216,11 @@ def test_the_printed_resume_command_repeats_the_launcher_with_the_run_folder(tmp
                   "recipes/r.toml", "name=sig", "data.root=/d", "train.epochs=30"]
     assert resume_command(run, accelerate, {"ACCELERATE_USE_CPU": "1"}) == (
         f"ACCELERATE_USE_CPU=1 accelerate launch --config_file {tmp_path}/cfg.yaml -m imgcls.train --resume {run}")
+    # imgcls-launch (the trainers' parent) says how it was started, in RESUME_ENV
+    relaunch = relaunch_command(["r.toml", "name=sig", "--config", "cfg.yaml", "--", "--resume", "auto"])
+    assert relaunch == f"imgcls-launch {tmp_path}/r.toml name=sig --config {tmp_path}/cfg.yaml --"
     launcher = ["/v/bin/python", "/v/bin/imgcls-launch", "r.toml", "name=sig", "--config", "cfg.yaml", "--",
                 "--resume", "auto"]
-    assert resume_command(run, launcher, {}) == (
+    assert resume_command(run, launcher, {RESUME_ENV: relaunch}) == (
         f"imgcls-launch {tmp_path}/r.toml name=sig --config {tmp_path}/cfg.yaml -- --resume {run}")
     assert resume_command(run, ["/bin/bash"], {}).endswith(f" -m imgcls.train --resume {run}")

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import write_class_folders
 from imgcls.data.loaders import build_splits
-from imgcls.recipe import DataConfig, RecipeError, load_recipe
+from imgcls.recipe import DataConfig, load_recipe
+from imgcls.errors import RecipeError
 from imgcls.training import runinfo
 
 

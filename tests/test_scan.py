@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import write_class_folders
 from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.recipe import DataConfig
-from imgcls.data.sources import DataError
+from imgcls.errors import DataError
 
 GRAY = dict(image_size=(16, 16), channels=1, mean=[0.5], std=[0.25])
 FOOTER = 'Fix or remove them, or set data.on_bad_image = "skip" to leave them out.'

@@ -36,8 +36,9 @@ from imgcls.data.fingerprint import source_fingerprint
 from imgcls.recipe import DataConfig, load_recipe
 from imgcls.data.scan import check_images
 from imgcls.data.shard_cache import ShardCache
-from imgcls.data.shards import ShardError, load_shards, shard_counts
-from imgcls.data.split import DataError
+from imgcls.data.shards import load_shards, shard_counts
+from imgcls.errors import ShardError
+from imgcls.errors import DataError
 from imgcls.data.store import DecodingImages, open_store
 from imgcls.data.transforms import Preprocess
 

@@ -28,7 +28,8 @@ from imgcls.data.images import open_image
 from imgcls.data.index_cache import cached_scan
 from imgcls.recipe import AugmentConfig
 from imgcls.data.sources import FileImages, _scan_classes, image_extensions
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 from imgcls.data.storelock import fill_lock
 from imgcls.data.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
                           working_size)

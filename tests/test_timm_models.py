@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from conftest import write_class_folders
-from imgcls.training.checkpoint import load_artifact, save_artifact
+from imgcls.inference.artifact import load_artifact, save_artifact
 from imgcls.inference.export import main as export_main
-from imgcls.models.registry import accepted_args, build_model, check_model_args, classifier_prefix, first_conv
+from imgcls.models.registry import accepted_args, build_model, check_model_args
+from imgcls.models.parts import classifier_prefix, first_conv
 from imgcls.models.registry import main as models_main
-from imgcls.recipe import ModelConfig, RecipeError, load_recipe, recipe_to_toml
+from imgcls.recipe import ModelConfig, load_recipe, recipe_to_toml
+from imgcls.errors import RecipeError
 from imgcls.data.transforms import Preprocess
 from imgcls.models.weights import apply_freeze
 

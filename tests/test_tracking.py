@@ -23,7 +23,8 @@ from helpers import (metrics_rows, only_run, run_train, subprocess_env, train_cm
 from imgcls.training.checkpoint import complete_checkpoints
 from imgcls.recipe import load_recipe
 from imgcls.tracking.runlog import RunLog, available_backends
-from imgcls.tracking.wandb_reader import BLOCK, CorruptLog, find_run_files, iter_payloads, read_run
+from imgcls.tracking.wandb_reader import BLOCK, find_run_files, iter_payloads, read_run
+from imgcls.errors import CorruptLog
 
 TRACKING = '[tracking]\nbackends = ["wandb", "tensorboard"]\nupload_model = true\nmode = "offline"'
 

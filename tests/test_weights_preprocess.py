@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 from conftest import write_class_folders
 from helpers import only_run, train_inprocess
-from imgcls.models.pretrained import PREPROCESS_METADATA, carried_preprocess, pretrained_preprocess
-from imgcls.recipe import RecipeError, load_recipe
+from imgcls.models.pretrained import PREPROCESS_METADATA, carried_preprocess
+from imgcls.training.preprocess import pretrained_preprocess
+from imgcls.recipe import load_recipe
+from imgcls.errors import RecipeError
 
 OWN = {"image_size": [20, 20], "mean": [0.3], "std": [0.2], "interpolation": "bicubic", "crop_pct": 0.8,
        "source": "a test's own numbers"}

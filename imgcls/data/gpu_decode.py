@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from imgcls.recipe import DataConfig, RecipeError
+from imgcls.recipe import DataConfig
+from imgcls.errors import RecipeError
 from imgcls.data.split import Split
 from imgcls.data.store import Framer, _Batches
 from imgcls.data.transforms import Preprocess, ResizeCover

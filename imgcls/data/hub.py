@@ -20,7 +20,8 @@ from PIL import Image
 
 from imgcls.data.images import check_image, open_image
 from imgcls.recipe import DataConfig
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 log = logging.getLogger(__name__)
 

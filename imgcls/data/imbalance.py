@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 
 def split_labels(split: Split) -> np.ndarray:

@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from imgcls.recipe import DataConfig
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 log = logging.getLogger(__name__)
 

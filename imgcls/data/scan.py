@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, source_fingerprint
 from imgcls.data.images import BAD_IMAGE_ERRORS
 from imgcls.data.pool import map_chunks
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from imgcls.errors import ShardError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 STALE_TMP_S = 3600.0  # a download in progress rewrites its temporary file every few ms; older ones were stopped
-
-
-class ShardError(RuntimeError):
-    """A shard that cannot be fetched or read, or does not match its manifest. Not an `images.BAD_IMAGE_ERRORS`
-    on purpose: the image check and `data.on_bad_image = "skip"` must not take a whole missing shard for a
-    handful of broken images."""
 
 
 def transfer_errors() -> tuple[type[BaseException], ...]:

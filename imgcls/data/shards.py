@@ -35,8 +35,10 @@ import numpy as np
 from imgcls.data.fingerprint import cache_root
 from imgcls.data.images import check_image, open_image
 from imgcls.recipe import DataConfig
-from imgcls.data.shard_cache import ShardCache, ShardError, transfer_errors
-from imgcls.data.split import DataError, Split
+from imgcls.data.shard_cache import ShardCache, transfer_errors
+from imgcls.errors import ShardError
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "ShardError", "ShardImages", "load_shards", "shard_counts",
            "is_remote", "labels_file", "shard_file"]

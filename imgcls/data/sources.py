@@ -18,7 +18,8 @@ from imgcls.data.images import check_image, open_image
 from imgcls.data.labels import Entry, assign_labels, first_appearances, list_class_names
 from imgcls.data.index_cache import cached_scan
 from imgcls.recipe import DataConfig
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 
 __all__ = ["DataError", "Split", "Indexed", "FileImages", "SOURCES", "LOADERS", "VAL_NAMES", "TEST_NAMES"]
 

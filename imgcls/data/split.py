@@ -13,10 +13,6 @@ from typing import Protocol, Sequence
 from PIL import Image
 
 
-class DataError(ValueError):
-    """A data problem the user must fix; the message names the file, folder or key."""
-
-
 class Reader(Protocol):
     def open(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image: ...
 

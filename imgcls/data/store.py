@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
 from imgcls.data.images import BAD_IMAGE_ERRORS
 from imgcls.data.pool import map_chunks
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 from imgcls.data.storelock import START_WAIT_S, fill_lock, wait_for_filler
 from imgcls.data.transforms import Preprocess, ResizeCover
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from imgcls.training.calibration import N_BINS, confidence_correct, ece, nll, reliability, softmax
-from imgcls.training.checkpoint import artifact_path, load_artifact
+from imgcls.inference.calibration import N_BINS, confidence_correct, ece, nll, reliability, softmax
+from imgcls.inference.artifact import artifact_path, load_artifact
 from imgcls.data.loaders import ImageDataset, build_splits
 from imgcls.tracking.plots import confusion_figure, new_figure, render, save_png
 from imgcls.inference.predict import decide, prepare
-from imgcls.recipe import DataConfig, RecipeError, load_recipe
-from imgcls.data.sources import LOADERS, DataError, Split
+from imgcls.recipe import DataConfig, load_recipe
+from imgcls.errors import RecipeError
+from imgcls.data.sources import LOADERS, Split
+from imgcls.errors import DataError
 from imgcls.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import torch
 
 from imgcls.models import timm_models
 from imgcls.models.pretrained import PREPROCESS_KEYS, PREPROCESS_METADATA, timm_preprocess
-from imgcls.recipe import ModelConfig, RecipeError
+from imgcls.models.spec import Spec
+from imgcls.errors import RecipeError
 
 
 def efficientnet_pytorch_to_timm(source: dict[str, torch.Tensor], target: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         source = torch.load(args.source, map_location="cpu", weights_only=True)
-        cfg = ModelConfig(name=args.model)
+        cfg = Spec(name=args.model)
         target = build_model(cfg, 1000, 3, (224, 224))
         converted = efficientnet_pytorch_to_timm(source, target)
         preprocess = preprocess_record(args)

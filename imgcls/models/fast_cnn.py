@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from imgcls.recipe import RecipeError
+from imgcls.errors import RecipeError
 
 
 class ConvGroup(nn.Sequential):

@@ -5,7 +5,7 @@ clear error when they are not cached and cannot be downloaded, and the preproces
     state, what = torchvision_state_dict(cfg.model)   # torchvision: DEFAULT or a named weights enum
     with fetching(timm_source(cfg.model)): ...        # timm.create_model(..., pretrained=True) inside
     path = hub_file("hf-hub:owner/repo")              # the repo's model.safetensors, through the HF cache
-    recipe = resolve_preprocess(recipe)               # data.* defaults from the weights; warns where they differ
+    label, values = weights_preprocess(cfg.model, 3)  # what the weights were trained with (data.* keys)
 
 `pretrained = true` picks torchvision's DEFAULT weights (gem_resnet: its backbone's) or a timm name's default
 tag; a string picks a torchvision weights name ("IMAGENET1K_V2"). Downloads go to the libraries' caches: torch's
@@ -42,7 +42,8 @@ from safetensors import safe_open
 
 from imgcls.models import timm_models
 from imgcls.models.gem import GeMResNet
-from imgcls.recipe import DataConfig, ModelConfig, Recipe, RecipeError
+from imgcls.errors import RecipeError, WeightsError
+from imgcls.models.spec import ModelSpec
 
 _log = get_logger(__name__)
 
@@ -53,10 +54,6 @@ PREPROCESS_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct")
 # torchvision's builder sets transform_input for these weights: inputs normalised with ImageNet's mean/std are
 # turned into (x - 0.5) / 0.5. Normalising with 0.5 directly gives the same numbers and keeps the model plain.
 _HALF_NORMALISED = {"googlenet", "inception_v3"}
-
-
-class WeightsError(RecipeError):
-    """Pretrained weights that cannot be had here: not cached and not downloadable, or a damaged cached file."""
 
 
 def _say(level: int, msg: str) -> None:
@@ -176,14 +173,14 @@ def _check_cached_hash(src: Source) -> None:
 
 
 # ---------------------------------------------------------------- torchvision
-def _torchvision_arch(cfg: ModelConfig) -> str:
+def _torchvision_arch(cfg: ModelSpec) -> str:
     """The torchvision model whose weights `cfg` loads: the name itself, or gem_resnet's backbone."""
     if cfg.name == "gem_resnet":
         return str(cfg.args.get("backbone", inspect.signature(GeMResNet).parameters["backbone"].default))
     return cfg.name
 
 
-def torchvision_weights(cfg: ModelConfig) -> torchvision.models.WeightsEnum:
+def torchvision_weights(cfg: ModelSpec) -> torchvision.models.WeightsEnum:
     """The weights enum member `cfg.pretrained` names (true: DEFAULT)."""
     arch = _torchvision_arch(cfg)
     if cfg.name != "gem_resnet" and arch not in torchvision.models.list_models(module=torchvision.models):
@@ -203,7 +200,7 @@ def torchvision_source(weights: torchvision.models.WeightsEnum) -> Source:
     return _url_source("model.pretrained", f"torchvision's {type(weights).__name__}.{weights.name}", weights.url)
 
 
-def torchvision_state_dict(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+def torchvision_state_dict(cfg: ModelSpec) -> tuple[dict[str, torch.Tensor], str]:
     """torchvision's pretrained tensors for `cfg` and what they are called. They come through torchvision's own
     builder (torch's hub cache, hash check, and the builder's key fixes such as densenet's), then leave it."""
     weights = torchvision_weights(cfg)
@@ -215,7 +212,7 @@ def torchvision_state_dict(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], s
 
 
 # ---------------------------------------------------------------- timm and the hub
-def timm_source(cfg: ModelConfig) -> Source:
+def timm_source(cfg: ModelSpec) -> Source:
     pc = timm_models.pretrained_cfg(cfg.name)
     what = f"timm's {timm_models.timm_name(cfg.name)} weights"
     if pc.get("hf_hub_id"):
@@ -236,7 +233,7 @@ def hub_file(spec: str) -> Path:
         return Path(hf_hub_download(src.repo, HUB_FILE, revision=src.revision or None))
 
 
-def check_pretrained(cfg: ModelConfig) -> None:
+def check_pretrained(cfg: ModelSpec) -> None:
     """RecipeError unless the model has the weights `cfg.pretrained` asks for (nothing is downloaded)."""
     if cfg.pretrained is False:
         return
@@ -315,7 +312,7 @@ def _parse_carried(text: str, where: str) -> dict[str, Any]:
     return values
 
 
-def _weights_preprocess(cfg: ModelConfig, channels: int) -> tuple[str, dict[str, Any]] | None:
+def weights_preprocess(cfg: ModelSpec, channels: int) -> tuple[str, dict[str, Any]] | None:
     """Whose preprocessing it is (a possessive phrase for messages), and the data.* values the initial weights
     were trained with; None when nothing says (a file without preprocessing, for a model timm has no
     pretrained_cfg for)."""
@@ -345,52 +342,3 @@ def _weights_preprocess(cfg: ModelConfig, channels: int) -> tuple[str, dict[str,
     if channels == 1 and len(values["mean"]) == 3:  # the first conv sums the RGB kernels: gray stands for all 3
         values["mean"], values["std"] = [round(sum(values["mean"]) / 3, 6)], [round(sum(values["std"]) / 3, 6)]
     return label, values
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
-
-
-def _shown(value: Any) -> str:
-    return repr(list(value) if isinstance(value, tuple) else value)
-
-
-def pretrained_preprocess(recipe: Recipe) -> tuple[dict[str, Any], list[str]]:
-    """With `model.pretrained` or `model.weights`: the data.* values (image_size, mean, std, interpolation,
-    crop_pct) the weights were trained with, for each key the recipe leaves unset; a warning for each key it
-    sets otherwise, naming both values."""
-    if recipe.model.pretrained is False and not recipe.model.weights:
-        return {}, []
-    found = _weights_preprocess(recipe.model, recipe.data.channels)
-    if found is None:
-        return {}, []
-    label, values = found
-    offered = DataConfig.model_fields["interpolation"].annotation.__args__
-    overrides, warnings = {}, []
-    for key in PREPROCESS_KEYS:
-        theirs, ours = values[key], getattr(recipe.data, key)
-        if (key == "interpolation" and theirs not in offered) or (key == "crop_pct" and not 0 < theirs <= 1):
-            warnings.append(f"{label} {key} {_shown(theirs)} is not one imgcls offers; "
-                            f"keeping data.{key} = {_shown(ours)}")
-        elif key not in recipe.data.model_fields_set:
-            overrides[key] = theirs
-        elif not _same(ours, theirs):
-            warnings.append(f"data.{key} = {_shown(ours)} differs from {label} {key} "
-                            f"{_shown(theirs)}; keeping the recipe's")
-    return overrides, warnings
-
-
-def resolve_preprocess(recipe: Recipe) -> Recipe:
-    """The recipe with `pretrained_preprocess`'s values in [data] (so the run's recipe.toml and artifact hold
-    them), its warnings logged."""
-    overrides, warnings = pretrained_preprocess(recipe)
-    for text in warnings:
-        _warn(text)
-    if not overrides:
-        return recipe
-    data = DataConfig.model_validate({**recipe.data.model_dump(exclude_unset=True), **overrides})
-    return recipe.model_copy(update={"data": data})

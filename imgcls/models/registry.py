@@ -18,7 +18,6 @@ import contextlib
 import difflib
 import functools
 import inspect
-import logging
 import math
 import os
 import re
@@ -29,14 +28,16 @@ import torch
 import torchvision
 from accelerate import init_empty_weights
 from accelerate.logging import get_logger
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from imgcls.models import timm_models
 from imgcls.models.fast_cnn import fast_cnn
 from imgcls.models.gem import GeMResNet
 from imgcls.models.pretrained import check_pretrained, fetching, timm_source, torchvision_state_dict
-from imgcls.recipe import ModelConfig, RecipeError
+from imgcls.models.parts import adapt_first_conv, classifier_prefix, count_parameters, info
+from imgcls.models.spec import ModelSpec
+from imgcls.models.weights import load_state
+from imgcls.errors import RecipeError
 
 _log = get_logger(__name__)
 
@@ -47,14 +48,6 @@ _TORCHVISION_DEFAULTS = {
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
 _RUNTIME_ARGS = {"num_classes", "in_channels", "image_size", "input_size", "weights", "progress"}
-
-
-def _info(msg: str, *args: Any) -> None:
-    """Log once per job under accelerate; plain logging before any Accelerator/PartialState exists."""
-    try:
-        _log.info(msg, *args)
-    except RuntimeError:  # accelerate's logger refuses to log before PartialState exists
-        logging.getLogger(__name__).info(msg, *args)
 
 
 class SmallCNN(nn.Module):
@@ -181,7 +174,7 @@ def accepted_args(name: str) -> list[str] | None:
             if p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in _RUNTIME_ARGS]
 
 
-def check_model_args(cfg: ModelConfig) -> None:
+def check_model_args(cfg: ModelSpec) -> None:
     """Raise RecipeError unless `cfg.name` exists, the model can be built with `cfg.args` (no weights allocated;
     timm models: their argument names are checked, the build itself reports the rest) and it has the weights
     `cfg.pretrained` asks for (nothing is downloaded)."""
@@ -202,7 +195,7 @@ def check_model_args(cfg: ModelConfig) -> None:
     check_pretrained(cfg)
 
 
-def _check_arg_names(cfg: ModelConfig) -> Callable[..., nn.Module]:
+def _check_arg_names(cfg: ModelSpec) -> Callable[..., nn.Module]:
     builder = _builder(cfg.name)
     accepted = accepted_args(cfg.name)
     runtime = timm_models.RUNTIME_ARGS if timm_models.is_timm(cfg.name) else _RUNTIME_ARGS
@@ -221,7 +214,7 @@ def _check_arg_names(cfg: ModelConfig) -> Callable[..., nn.Module]:
     return builder
 
 
-def _call(builder: Callable[..., nn.Module], cfg: ModelConfig, context: str, **runtime: Any) -> nn.Module:
+def _call(builder: Callable[..., nn.Module], cfg: ModelSpec, context: str, **runtime: Any) -> nn.Module:
     try:
         return builder(**runtime, **cfg.args)
     except RecipeError:
@@ -231,7 +224,7 @@ def _call(builder: Callable[..., nn.Module], cfg: ModelConfig, context: str, **r
                                                      f"{context}: {e}") from None
 
 
-def _argument_error(cfg: ModelConfig, e: Exception) -> RecipeError | None:
+def _argument_error(cfg: ModelSpec, e: Exception) -> RecipeError | None:
     """The [model] args key behind a builder's TypeError, when the message names one."""
     fixed = re.search(r"multiple values for keyword argument '(\w+)'", str(e))
     if fixed:
@@ -244,7 +237,7 @@ def _argument_error(cfg: ModelConfig, e: Exception) -> RecipeError | None:
     return None
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> nn.Module:
+def build_model(cfg: ModelSpec, num_classes: int, in_channels: int, image_size: tuple[int, int]) -> nn.Module:
     """The model of `[model] name/args` for the data's classes, channels and image size: freshly initialised, or
     with `[model] pretrained` weights (a new classifier for num_classes, the first conv adapted to in_channels)."""
     context = f" for {in_channels}-channel {image_size[0]}x{image_size[1]} images"
@@ -255,76 +248,13 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     with fetching(timm_weights) if timm_weights else contextlib.nullcontext():  # timm loads them while it builds
         model = _call(builder, cfg, context, **runtime, **({"pretrained": True} if timm_weights else {}))
     if timm_weights:
-        _info("model weights loaded from %s (finetune)", timm_weights.what)
+        info("model weights loaded from %s (finetune)", timm_weights.what)
     elif cfg.pretrained:
-        from imgcls.models.weights import load_state  # weights.py builds on this module
-
         state, what = torchvision_state_dict(cfg)
         load_state(model, state, "finetune", in_channels, what, key="model.pretrained")
-    _info("model %s: %s parameters, head %r, %d input channel(s)", cfg.name, f"{count_parameters(model)[1]:,}",
-          classifier_prefix(model, num_classes), in_channels)
+    info("model %s: %s parameters, head %r, %d input channel(s)", cfg.name, f"{count_parameters(model)[1]:,}",
+         classifier_prefix(model, num_classes), in_channels)
     return model
-
-
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
-    """The input convolution: the first Conv2d in module order (true for every registered model)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            return name, module
-    raise ValueError(f"{type(model).__name__} has no Conv2d")
-
-
-def adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Replace the input convolution by one taking `in_channels`, keeping the family's initialisation."""
-    name, conv = first_conv(model)
-    if conv.in_channels == in_channels:
-        return
-    if conv.groups != 1:
-        raise RecipeError(f"model: the first convolution {name} is grouped; cannot adapt it to {in_channels} channels")
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
-    new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        # reuse the per-element initial values so each architecture keeps its own init scheme
-        repeats = -(-in_channels // conv.in_channels)
-        new.weight.copy_(conv.weight.repeat(1, repeats, 1, 1)[:, :in_channels])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
-def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Pretrained first-conv weights for another channel count, as timm's adapt_input_conv does:
-    one channel gets the sum over the pretrained ones; more get the pretrained ones repeated and rescaled."""
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_channels // weight.shape[1])
-    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
-
-
-def classifier_prefix(model: nn.Module, num_classes: int | None = None) -> str:
-    """Module name of the classifier head: the last Linear (last Conv2d if there is none, as in squeezenet)
-    producing the logits; its parent when that is an nn.Sequential (vgg/mobilenet/efficientnet `classifier`,
-    vit `heads`), else the layer itself (resnet `fc`, ours `head`)."""
-    model = _unwrap(model)
-    modules = list(model.named_modules())
-    for kind, out in ((nn.Linear, "out_features"), (nn.Conv2d, "out_channels")):
-        found = [n for n, m in modules if isinstance(m, kind) and num_classes in (None, getattr(m, out))]
-        if found:
-            parent = found[-1].rpartition(".")[0]
-            return parent if parent and isinstance(model.get_submodule(parent), nn.Sequential) else found[-1]
-    raise ValueError(f"{type(model).__name__}: no layer with {num_classes} outputs to call the classifier")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return extract_model_from_parallel(model, keep_torch_compile=False)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def main(argv: list[str] | None = None) -> int:

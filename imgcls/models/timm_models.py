@@ -21,7 +21,7 @@ from typing import Any
 from accelerate import init_empty_weights
 from torch import nn
 
-from imgcls.recipe import RecipeError
+from imgcls.errors import RecipeError
 
 PREFIX = "timm:"
 # set from the data and the recipe (device, dtype: by accelerate), or meaningless for a classifier

@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from imgcls.models.registry import _info, _unwrap, adapt_input_conv, classifier_prefix, count_parameters, first_conv
+from imgcls.models.parts import adapt_input_conv, classifier_prefix, count_parameters, first_conv, info, unwrap
 from imgcls.models.pretrained import weights_file
-from imgcls.recipe import RecipeError
+from imgcls.errors import RecipeError
 
 
 def _under(name: str, prefixes: Union[str, list[str]]) -> bool:
@@ -86,7 +86,7 @@ def load_weights(model: nn.Module, path: str, mode: str, in_channels: int) -> No
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], mode: str, in_channels: int, source: str,
                key: str = "model.weights") -> None:
     """`load_weights` for tensors in hand; `source` names them in messages, after the recipe `key`."""
-    model = _unwrap(model)
+    model = unwrap(model)
     own = model.state_dict()
     where = f"{key}: {source}"
     _check_values(state, own, where)
@@ -98,7 +98,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], mode: str, in_c
         model.load_state_dict(_finetune_subset(model, state, own, where, in_channels), strict=False)
     else:
         raise ValueError(f"load_weights: mode must be 'finetune' or 'update', got {mode!r}")
-    _info("model weights loaded from %s (%s)", source, mode)
+    info("model weights loaded from %s (%s)", source, mode)
 
 
 def _check_values(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> None:
@@ -137,25 +137,25 @@ def _finetune_subset(model: nn.Module, state: dict[str, torch.Tensor], own: dict
     if pretrained is not None and pretrained.shape[1] != in_channels \
             and pretrained.shape[:1] + pretrained.shape[2:] == target.shape[:1] + target.shape[2:]:
         state = {**state, conv_key: adapt_input_conv(pretrained, in_channels)}
-        _info("first conv %s %s -> %s adapted from %d to %d channels", conv_key, _shape(pretrained),
+        info("first conv %s %s -> %s adapted from %d to %d channels", conv_key, _shape(pretrained),
               _shape(target), pretrained.shape[1], in_channels)
     unfit = [k for k in state if _under(k, head) and (k not in own or state[k].shape != own[k].shape)]
     for key in unfit:
-        _info("head %s %s -> %s re-initialised", key, _shape(state[key]),
+        info("head %s %s -> %s re-initialised", key, _shape(state[key]),
               _shape(own[key]) if key in own else "(not in model)")
     state = {k: v for k, v in state.items() if k not in unfit}
     _raise_on_mismatch(state, own, where, f"does not fit the model outside its classifier {head!r}",
                        ignore_missing=lambda key: _under(key, head))
     absent = [k for k in own if _under(k, head) and k not in state and k not in unfit]
     if absent:
-        _info("head %s not in %s: freshly initialised", _listing(absent), where.partition(": ")[2])
+        info("head %s not in %s: freshly initialised", _listing(absent), where.partition(": ")[2])
     return state
 
 
 def apply_freeze(model: nn.Module, freeze: Union[str, list[str]]) -> list[str]:
     """Set requires_grad=False under "backbone" (all but the classifier) or the given module-name prefixes.
     Returns the frozen prefixes (module or parameter names), for `set_train_mode`."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if freeze == "none":
         return []
     prefixes = _backbone(model, classifier_prefix(model)) if freeze == "backbone" else list(freeze)
@@ -173,7 +173,7 @@ def apply_freeze(model: nn.Module, freeze: Union[str, list[str]]) -> list[str]:
     for param in params:
         param.requires_grad_(False)
     trainable, total = count_parameters(model)
-    _info("frozen: %s; %s of %s parameters trainable", ", ".join(prefixes), f"{trainable:,}", f"{total:,}")
+    info("frozen: %s; %s of %s parameters trainable", ", ".join(prefixes), f"{trainable:,}", f"{total:,}")
     return prefixes
 
 
@@ -193,6 +193,6 @@ def set_train_mode(model: nn.Module, frozen: list[str], freeze_bn: bool = False)
     with `freeze_bn` (`model.freeze_bn`), every BatchNorm does (normalising with its running statistics, which
     no longer update; its weight and bias still train)."""
     model.train()
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (freeze_bn or _under(name, frozen)):
             module.eval()

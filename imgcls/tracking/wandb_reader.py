@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from imgcls.errors import CorruptLog
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ FILE_IDENT, FILE_MAGIC, FILE_VERSION = b":W&B", 0xBEE1, 0
 RECORD_HEADER = struct.Struct("<IHB")
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-class CorruptLog(ValueError):
-    """The file is not a W&B transaction log, or a checksum does not match."""
 
 
 def iter_payloads(path: str | Path) -> Iterator[bytes]:

@@ -25,12 +25,11 @@ from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from imgcls.data.classnames import check_class_names
-from imgcls.models.pretrained import PREPROCESS_METADATA
+from imgcls.atomic import replace_dir
+from imgcls.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "imgcls-artifact/1"
 SCHEDULER_FILE = "scheduler.json"
 EMA_FILE = "ema.safetensors"
 MARKER = "COMPLETE"
@@ -64,37 +63,6 @@ class TrainState:
             setattr(self, key, value)
 
 
-def recover_dir(dest: Path) -> None:
-    """A kill between the two renames of `replace_dir` leaves `.<name>.old` and no `<name>`: put it back."""
-    if not dest.name:
-        return
-    old = dest.with_name(f".{dest.name}.old")
-    if old.is_dir() and not dest.exists():
-        os.replace(old, dest)
-        log.warning("%s was missing after an interrupted replace; restored it from %s", dest, old.name)
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a fully written `tmp` to `dest`, replacing any previous `dest` by rename, never in place."""
-    recover_dir(dest)
-    old = dest.with_name(f".{dest.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fresh_tmp(dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def read_train_state(source: Path, micro_per_epoch: int) -> TrainState:
     state = TrainState()
     state.load_state_dict(json.loads((Path(source) / "train_state.json").read_text()))
@@ -106,10 +74,6 @@ def read_train_state(source: Path, micro_per_epoch: int) -> TrainState:
 # ---------------------------------------------------------------- resume state
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from safely or exactly."""
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int, scheduler=None,
@@ -207,58 +171,3 @@ def find_resume(runs_root: Path, name: str) -> Path | None:
     return max(found, key=lambda p: ((p / MARKER).stat().st_mtime, int(p.name.split("-")[1])), default=None)
 
 
-# ---------------------------------------------------------------- portable artifact
-def save_artifact(dest: Path, model: torch.nn.Module, config: dict, recipe_toml: str,
-                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`config` holds architecture, class names, preprocessing and calibration (see `load_artifact`). Class names
-    that are not safe folder names are refused before anything is written. `state_dict`: the model's full
-    tensors when the caller gathered them (sharded models: `accelerator.get_state_dict` on every rank)."""
-    dest = Path(dest)
-    check_class_names(config.get("class_names"), str(dest / "config.json"))
-    tmp = _fresh_tmp(dest)
-    state = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": ARTIFACT_FORMAT}
-    if "preprocess" in config:  # the file alone, copied elsewhere, still says how its inputs are prepared
-        metadata[PREPROCESS_METADATA] = json.dumps({**config["preprocess"], "source": "an imgcls artifact"})
-    save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-    (tmp / "config.json").write_text(json.dumps({"format": ARTIFACT_FORMAT, **config}, indent=2))
-    (tmp / "recipe.toml").write_text(recipe_toml)
-    replace_dir(tmp, dest)
-
-
-def artifact_path(path: str | Path) -> Path:
-    """An artifact folder, or a run folder (-> its model/best)."""
-    p = Path(path)
-    recover_dir(p)
-    recover_dir(p / "model" / "best")
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    if (p / "model" / "best" / "config.json").is_file():
-        return p / "model" / "best"
-    raise FileNotFoundError(f"{p}: not a model artifact (expected config.json + model.safetensors, or a run "
-                            f"folder with model/best/)")
-
-
-def read_artifact_config(path: str | Path) -> dict:
-    """config.json of an artifact, its format and class names checked (an artifact may come from anyone)."""
-    config_file = artifact_path(path) / "config.json"
-    config = json.loads(config_file.read_text())
-    if config.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path}: artifact format {config.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
-    check_class_names(config.get("class_names"), str(config_file))
-    return config
-
-
-def load_artifact(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from its config.json and load its weights (strict). Returns (model in eval, config)."""
-    from imgcls.models.registry import build_model
-    from imgcls.recipe import ModelConfig
-
-    folder = artifact_path(path)
-    config = read_artifact_config(folder)
-    arch = config["model"]
-    model = build_model(ModelConfig(name=arch["name"], args=arch["args"]), arch["num_classes"],
-                        arch["in_channels"], tuple(config["preprocess"]["image_size"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    return model.eval(), config

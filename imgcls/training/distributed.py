@@ -9,7 +9,8 @@ from accelerate.utils import DataLoaderConfiguration
 
 from imgcls.data.pool import usable_cores
 from imgcls.training.preflight import init_distributed_state
-from imgcls.recipe import RecipeError, TrainConfig, per_device_batch  # noqa: F401 (re-exported)
+from imgcls.errors import RecipeError
+from imgcls.recipe import TrainConfig, per_device_batch  # noqa: F401 (per_device_batch: imported from here too)
 
 
 FSDP_REFUSED = (

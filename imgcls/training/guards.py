@@ -19,10 +19,6 @@ import torch
 clock = time.monotonic  # tests replace it with a fake clock
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops without saving the bad state."""
-
-
 class Deadline:
     """`seconds` of wall time from now; 0 = none."""
 

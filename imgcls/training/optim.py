@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imgcls.models.registry import classifier_prefix
-from imgcls.recipe import OptimConfig, RecipeError, ScheduleConfig
+from imgcls.models.parts import classifier_prefix
+from imgcls.recipe import OptimConfig, ScheduleConfig
+from imgcls.errors import RecipeError
 
 _NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 

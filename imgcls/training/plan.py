@@ -8,10 +8,12 @@ import torch
 
 from imgcls.data.loaders import DataSplits, build_splits
 from imgcls.training.distributed import per_device_batch
-from imgcls.models.registry import build_model, check_model_args, count_parameters
-from imgcls.models.pretrained import resolve_preprocess
+from imgcls.models.registry import build_model, check_model_args
+from imgcls.models.parts import count_parameters
+from imgcls.training.preprocess import resolve_preprocess
 from imgcls.models.weights import apply_freeze, load_weights
-from imgcls.recipe import Recipe, RecipeError
+from imgcls.recipe import Recipe
+from imgcls.errors import RecipeError
 
 
 @dataclass

@@ -20,13 +20,10 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from imgcls.errors import PreflightError
 
 TIMEOUT_ENV = "IMGCLS_PREFLIGHT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
-
-
-class PreflightError(RuntimeError):
-    """The processes of a distributed job did not come together; the message says what to check."""
 
 
 def preflight_timeout(env=os.environ) -> float:

@@ -29,8 +29,9 @@ from imgcls.data.fingerprint import cache_root, frame_inputs
 from imgcls.data.loaders import DataSplits, Images, make_loader
 from imgcls.data.store import open_store, working_size
 from imgcls.data.transforms import Preprocess
-from imgcls.models.registry import classifier_prefix
-from imgcls.recipe import Recipe, RecipeError
+from imgcls.models.parts import classifier_prefix
+from imgcls.recipe import Recipe
+from imgcls.errors import RecipeError
 from imgcls.training.features import VIEW_EPOCH, FeatureCache, model_identity
 from imgcls.training.metrics import from_logits
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object
 
-from imgcls.training.checkpoint import MARKER, complete_checkpoints, find_resume, recover_dir
-from imgcls.recipe import Recipe, RecipeError, load_recipe, recipe_diff, recipe_to_toml
+from imgcls.training.checkpoint import MARKER, complete_checkpoints, find_resume
+from imgcls.atomic import recover_dir
+from imgcls.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
+from imgcls.errors import RecipeError
 
 log = get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 The handler only records the signal; the trainer finishes the current step, saves a checkpoint and exits 75.
 The printed command resumes that exact run with its own recipe, under the same launcher (read from the parent
-process when it is `accelerate launch`), so it works verbatim.
+process when it is `accelerate launch`, from `RESUME_ENV` under imgcls-launch), so it works verbatim.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import torch
 
 # accelerate's launcher passes these to its workers; a resume needs them again (e.g. the 2-process CPU config)
 _LAUNCH_ENV = ("ACCELERATE_USE_CPU",)
+# imgcls-launch (which runs accelerate in-process, so it is the trainers' parent) puts here the command that
+# launches this job again, recipe and overrides included, ending with "--" before the trainer's own arguments
+RESUME_ENV = "IMGCLS_LAUNCH_COMMAND"
 
 
 class StopSignal:
@@ -70,38 +73,17 @@ def launcher_prefix(parent: list[str]) -> list[str]:
     except SystemExit:
         return []
     cut = len(options) - len(parsed.training_script_args) - 1
-    head = _absolute_paths(options[:cut], ("--config_file",))
+    head = absolute_paths(options[:cut], ("--config_file",))
     return ["accelerate", "launch", *(o for o in head if o not in ("-m", "--module"))]
 
 
-def _absolute_paths(words: list[str], flags: tuple[str, ...]) -> list[str]:
-    """The values of `flags` that name existing files, made absolute: the command works from any folder."""
+def absolute_paths(words: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`words` with the path after each of `flags` made absolute (when it exists)."""
     out = list(words)
     for k, word in enumerate(out[:-1]):
         if word in flags and os.path.exists(out[k + 1]):
             out[k + 1] = os.path.abspath(out[k + 1])
     return out
-
-
-def imgcls_launch_command(parent: list[str]) -> list[str]:
-    """`imgcls-launch RECIPE [overrides] [options] -- [trainer args]` from the parent's command line (imgcls-launch
-    runs accelerate in-process, so it is the training processes' parent); [] when the parent is something else."""
-    for k, word in enumerate(parent):
-        if Path(word).name == "imgcls-launch":
-            argv = parent[k + 1:]
-            break
-        if word == "-m" and parent[k + 1:k + 2] == ["launcher.launch"]:
-            argv = parent[k + 2:]
-            break
-    else:
-        return []
-    from launcher.launch import parse_args
-
-    args = parse_args(argv)
-    head = argv[:argv.index("--")] if "--" in argv else argv
-    head = [os.path.abspath(w) if w == args.recipe else w for w in _absolute_paths(head, ("--config",))]
-    extra = [w for k, w in enumerate(args.extra) if w != "--resume" and args.extra[k - 1:k] != ["--resume"]]
-    return ["imgcls-launch", *head, "--", *extra]
 
 
 def _python() -> str:
@@ -115,8 +97,8 @@ def resume_command(run_dir: Path, parent: list[str] | None = None, env: dict | N
     parent = parent_cmdline() if parent is None else parent
     env = os.environ if env is None else env
     run_dir = Path(run_dir).resolve()  # a run resumed by a relative path: the command works from any folder
-    if launch := imgcls_launch_command(parent):  # it passes the recipe and overrides again: same recipe
-        return shlex.join([*launch, "--resume", str(run_dir)])
+    if launch := env.get(RESUME_ENV):  # imgcls-launch passes the recipe and overrides again: same recipe
+        return f"{launch} {shlex.join(['--resume', str(run_dir)])}"
     prefix = launcher_prefix(parent)
     if prefix:
         cmd = [*prefix, "-m", "imgcls.train"]

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 from imgcls.data.tools.target import add_target_arguments, data_config_of
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imgcls.data.classnames import ClassNameError, check_class_names
+from imgcls.data.classnames import check_class_names
+from imgcls.errors import ClassNameError
 from imgcls.data.loaders import carve_val, pick_split
 from imgcls.data.hub import streaming_refusal
 from imgcls.data.images import BAD_IMAGE_ERRORS
@@ -31,7 +32,8 @@ from imgcls.data.pool import map_chunks
 from imgcls.recipe import DataConfig
 from imgcls.data.scan import CHUNK, find_unreadable
 from imgcls.data.sources import SOURCES, TEST_NAMES, VAL_NAMES
-from imgcls.data.split import DataError, Split
+from imgcls.data.split import Split
+from imgcls.errors import DataError
 from imgcls.data.store import working_size
 from imgcls.data.transforms import Preprocess
 

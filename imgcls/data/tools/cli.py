@@ -15,9 +15,9 @@ import importlib
 import sys
 
 from imgcls.exitcodes import EXIT_USAGE
-from imgcls.recipe import RecipeError
-from imgcls.data.shard_cache import ShardError
-from imgcls.data.split import DataError
+from imgcls.errors import RecipeError
+from imgcls.errors import ShardError
+from imgcls.errors import DataError
 
 COMMANDS = ("mnist", "check", "stats", "shard")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 
 PARTS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

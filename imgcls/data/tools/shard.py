@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 from imgcls.data.tools.target import add_target_arguments, data_config_of
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgcls.data.split import DataError
+from imgcls.errors import DataError
 from imgcls.data.tools.target import add_target_arguments, data_config_of
 
 if TYPE_CHECKING:

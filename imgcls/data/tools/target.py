@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgcls.recipe import DataConfig, RecipeError, load_recipe
+from imgcls.recipe import DataConfig, load_recipe
+from imgcls.errors import RecipeError
 
 
 def add_target_arguments(p: argparse.ArgumentParser) -> None:
