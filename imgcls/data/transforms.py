@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from imgcls.data.autoaugment import geometric_mode
 from imgcls.data.framing import cover_size
+from imgcls.data.images import to_channels
 from imgcls.recipe import AugmentConfig, DataConfig
 
 _MODES = {"L": 1, "RGB": 3}
@@ -52,17 +53,8 @@ class Preprocess:
         return InterpolationMode(self.interpolation)
 
     def convert(self, image: Image.Image) -> Image.Image:
-        """Any PIL mode (P, RGBA, I;16, CMYK, ...) to the model's channels."""
-        if image.mode == self.mode:
-            return image
-        if image.mode in ("I;16", "I", "F"):  # 16-bit gray: scale to 8 bits first, or RGB would clip to white
-            gray = image.point(lambda v: v / 256).convert("L") if image.mode != "F" else image.convert("L")
-            return gray.convert(self.mode)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert(self.mode)
+        """Any PIL mode (P, RGBA, I;16B, F, CMYK, LAB, ...) to the model's channels (`images.to_channels`)."""
+        return to_channels(image, self.channels)
 
     def _tail(self) -> list:
         return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]

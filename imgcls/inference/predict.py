@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from imgcls.training.calibration import softmax
 from imgcls.data.classnames import ClassNameError, check_class_names, folder_names, name_problem
 from imgcls.data.framing import center_box, cover_size
-from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
+from imgcls.data.images import BAD_IMAGE_ERRORS, open_image, to_channels
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,8 @@ class ModelError(ValueError):
 
 # ---------------------------------------------------------------- preprocessing (torch-free)
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode to the model's channels, by the rules of `imgcls.data.transforms.Preprocess.convert`."""
-    mode = "L" if channels == 1 else "RGB"
-    if image.mode == mode:
-        return image
-    if image.mode in ("I;16", "I", "F"):  # 16-bit gray: scale to 8 bits first, or RGB would clip to white
-        gray = image.point(lambda v: v / 256).convert("L") if image.mode != "F" else image.convert("L")
-        return gray.convert(mode)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert(mode)
+    """Any PIL mode to the model's channels: `imgcls.data.images.to_channels`, as training converts."""
+    return to_channels(image, channels)
 
 
 def _resize(image: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
