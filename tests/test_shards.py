@@ -35,7 +35,7 @@ from imgcls.exitcodes import EXIT_USAGE
 from imgcls.data.fingerprint import source_fingerprint
 from imgcls.recipe import DataConfig, load_recipe
 from imgcls.data.scan import check_images
-from imgcls.data.shard_cache import ShardCache
+from imgcls.data.shard_cache import ShardCache, download_lock
 from imgcls.data.shards import load_shards, shard_counts
 from imgcls.errors import ShardError
 from imgcls.errors import DataError
@@ -91,7 +91,7 @@ def test_folder_round_trip(tree, tmp_path, capsys):
     out = tmp_path / "shards"
     assert shard(tree, out, "--shard-size", "4") == 0
     manifest = manifest_of(out)
-    assert manifest["format"] == "imgcls-shards" and manifest["version"] == 1
+    assert manifest["format"] == "imgcls-shards" and manifest["version"] == 2
     assert manifest["class_names"] == CLASSES
     counts = {name: [s["count"] for s in split["shards"]] for name, split in manifest["splits"].items()}
     assert counts == {"train": [4, 4, 4, 4, 2], "val": [4, 2], "test": [4, 2]}
@@ -201,10 +201,10 @@ def test_missing_or_foreign_manifest_is_a_data_error(tmp_path):
     with pytest.raises(DataError) as e:
         load_shards(shards_cfg(tmp_path))
     assert str(e.value) == f"{tmp_path}/manifest.json not found; is data.root a folder written by `imgcls-data shard`?"
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "imgcls-shards", "version": 2}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "imgcls-shards", "version": 1}))
     with pytest.raises(DataError) as e:
         load_shards(shards_cfg(tmp_path))
-    assert str(e.value) == (f"{tmp_path}/manifest.json: version 2; this imgcls reads version 1: use the imgcls "
+    assert str(e.value) == (f"{tmp_path}/manifest.json: version 1; this imgcls reads version 2: use the imgcls "
                             f"that wrote it, or write the shards anew")
 
 
@@ -230,9 +230,9 @@ def test_reader_pickles_as_plain_data_and_keeps_two_shards(tree, tmp_path):
     reader = split.reader
     for i in (0, 4, 8, 12):  # four shards, in turn
         reader.raw(i)
-    assert list(reader._columns) == [2, 3]
+    assert list(reader._tables) == [2, 3]
     clone = pickle.loads(pickle.dumps(reader))
-    assert len(pickle.dumps(reader)) < 4000 and not clone._columns
+    assert len(pickle.dumps(reader)) < 4000 and not clone._tables
     assert [clone.raw(i) for i in range(18)] == [reader.raw(i) for i in range(18)]
 
 
@@ -266,6 +266,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
+def cached(folder: Path) -> list[Path]:
+    """What a cache folder holds but its (empty) download lock files."""
+    return [p for p in folder.iterdir() if not p.name.endswith(".lock")]
+
+
 def test_http_shards_read_through_a_bounded_cache(tree, tmp_path):
     out = tmp_path / "shards"
     shard(tree, out, "--shard-size", "4")
@@ -283,7 +288,7 @@ def test_http_shards_read_through_a_bounded_cache(tree, tmp_path):
                 assert np.array_equal(np.asarray(remote.open(k)), np.asarray(local[name].open(k)))
                 assert remote.labels[k] == local[name].labels[k]
                 assert folder_bytes(cache) <= remote.reader.cache.limit_bytes + largest
-        held = sorted(p.name for p in cache.iterdir())
+        held = sorted(p.name for p in cached(cache))
         assert 1 <= len(held) <= 2 and all(p.endswith(".parquet") and not p.startswith(".") for p in held)
         entry = manifest_of(out)["splits"]["train"]["shards"][4]
         assert held[-1] == f"train-00004-{entry['sha256'][:16]}.parquet"
@@ -310,7 +315,7 @@ def test_a_corrupted_remote_shard_is_named_with_both_hashes(tree, tmp_path):
                                 f"manifest.json again, written together by `imgcls-data shard`")
         with pytest.raises(ShardError):  # not an unreadable image that "skip" would leave out
             check_images({"train": train}, [], "skip")
-    assert [p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()] == ["00000"]  # nothing else kept
+    assert [p.name.split("-")[1] for p in cached(tmp_path / "cache")] == ["00000"]  # nothing else kept
 
 
 def test_cache_evicts_the_least_recently_used_shard_and_stopped_downloads(tmp_path):
@@ -327,12 +332,12 @@ def test_cache_evicts_the_least_recently_used_shard_and_stopped_downloads(tmp_pa
     os.utime(cache.fetch(*shards["b"]), (hour_ago + 1, hour_ago + 1))
     cache.fetch(*shards["a"])  # a hit: a is now the most recently used
     stopped, running = tmp_path / "cache" / ".x.parquet.tmp-1-00", tmp_path / "cache" / ".y.parquet.tmp-2-00"
-    stopped.write_bytes(b"x")
-    running.write_bytes(b"y")
-    os.utime(stopped, (hour_ago - 10, hour_ago - 10))
-    cache.fetch(*shards["c"])  # 200 + 100 > 250: b goes
+    stopped.write_bytes(b"x")  # nobody holds its download lock: its download was stopped
+    with download_lock(tmp_path / "cache" / "y.parquet"):  # a download in progress
+        running.write_bytes(b"y")
+        cache.fetch(*shards["c"])  # 200 + 100 + 1 > 250: b goes
     kept = [running.name, f"a-{shards['a'][1][:16]}.parquet", f"c-{shards['c'][1][:16]}.parquet"]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(kept)
+    assert sorted(p.name for p in cached(tmp_path / "cache")) == sorted(kept)
 
 
 def test_an_unreachable_root_is_a_data_error(tmp_path):

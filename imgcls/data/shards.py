@@ -7,26 +7,33 @@ A shard folder holds, per split, `<split>-<k:05d>.parquet` (columns `image`: the
 were, `label`: int32 class index, `key`: where the image came from) and `<split>.labels.npy` (the split's
 labels in order), plus `manifest.json`:
 
-    {"format": "imgcls-shards", "version": 1, "class_names": [...],
+    {"format": "imgcls-shards", "version": 2, "class_names": [...],
      "splits": {"train": {"count": N, "shards": [{"file": "train-00000.parquet", "count": n, "bytes": b,
-                                                 "sha256": "..."}, ...]}, ...}}
+                                                 "sha256": "..."}, ...],
+                          "labels": {"file": "train.labels.npy", "bytes": b, "sha256": "..."}}, ...}}
 
-Indexing reads the manifest and the label files only (through fsspec, for all three kinds of root). Item i of a
-split is row i - start[k] of shard k, start being the cumulative counts. `ShardImages` keeps the `image` column
-of at most KEEP_SHARDS shards in memory per process (each DataLoader worker has its own), a whole shard read at
-once. Local shards are read in place; remote ones through `shard_cache.ShardCache` (`data.shard_cache_dir`,
-"" -> <cache root>/shards/<hash of data.root>, at most `data.shard_cache_gb`). A shard that cannot be
-fetched or read raises `ShardError`, which the image check does not take for a broken image.
+Indexing reads the manifest and the label files only (through fsspec, for all three kinds of root; both are
+checked in `shard_manifest.py`). Item i of a split is row i - start[k] of shard k, start being the cumulative
+counts. `ShardImages` keeps the `image` and `key` columns of at most KEEP_SHARDS shards in memory per process
+(each DataLoader worker has its own), a whole shard read at once. Local shards are read in place; remote ones
+through `shard_cache.ShardCache` (`data.shard_cache_dir`, "" -> <cache root>/shards/<hash of data.root>, at most
+`data.shard_cache_gb`). Every time a shard is read, the bytes parsed are the bytes hashed: their size and sha256
+must be the manifest's (a cached copy that is not is evicted and fetched again), the columns exactly the
+writer's (`image` binary: encoded bytes, never a path to open), the row count the manifest's, and the `label`
+column the labels file's. A shard that cannot be fetched or read, or fails a check, raises `ShardError`, which
+the image check does not take for a broken image; a row without an image (null) is a bad image (ValueError),
+which `data.on_bad_image` handles.
 
 `shard_counts(split)` gives the per-shard item counts of a split's positions, for `shard_order.ShardOrderSampler`.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
-import io
 import itertools
-import json
+import os
+import stat
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,25 +42,19 @@ import numpy as np
 from imgcls.data.fingerprint import cache_root
 from imgcls.data.images import check_image, open_image
 from imgcls.recipe import DataConfig
-from imgcls.data.shard_cache import ShardCache, transfer_errors
-from imgcls.errors import ShardError
+from imgcls.data.shard_cache import ShardCache
+from imgcls.data.shard_manifest import (ANEW, FORMAT, MANIFEST, VERSION, labels_file, read_labels, read_manifest,
+                                        shard_file)
 from imgcls.data.split import Split
-from imgcls.errors import DataError
+from imgcls.errors import DataError, ShardError
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "ShardError", "ShardImages", "load_shards", "shard_counts",
            "is_remote", "labels_file", "shard_file"]
 
-FORMAT, VERSION, MANIFEST = "imgcls-shards", 1, "manifest.json"
 KEEP_SHARDS = 2
 REMOTE_PREFIXES = ("http://", "https://", "hf://")
-
-
-def shard_file(split: str, k: int) -> str:
-    return f"{split}-{k:05d}.parquet"
-
-
-def labels_file(split: str) -> str:
-    return f"{split}.labels.npy"
+COLUMNS = "image: binary, label: int32, key: string"
+COLUMNS_SAID = COLUMNS.replace("binary", "binary (encoded bytes)")
 
 
 def is_remote(root: str) -> bool:
@@ -61,17 +62,19 @@ def is_remote(root: str) -> bool:
 
 
 class ShardImages:
-    """Items of one split of a shard folder. Plain data (the root, the manifest's shard entries, the cache
-    settings): pickles to DataLoader workers, which load the shards they need themselves."""
+    """Items of one split of a shard folder. Plain data (the root, the manifest's shard entries, the split's
+    labels, the cache settings): pickles to DataLoader workers, which load the shards they need themselves."""
 
-    def __init__(self, root: str, split: str, shards: list[dict], manifest_sha256: str, cache: ShardCache | None):
+    def __init__(self, root: str, split: str, shards: list[dict], manifest_sha256: str, cache: ShardCache | None,
+                 labels: np.ndarray):
         self.root, self.split, self.shards, self.cache = root, split, shards, cache
         self.manifest_sha256 = manifest_sha256  # what `fingerprint.source_fingerprint` keys the disk cache by
+        self.labels = np.asarray(labels, dtype=np.int64)  # what the `label` column of each shard must hold
         self.starts = list(itertools.accumulate((s["count"] for s in shards), initial=0))
-        self._columns: OrderedDict[int, object] = OrderedDict()  # shard -> its `image` column (pyarrow)
+        self._tables: OrderedDict[int, object] = OrderedDict()  # shard -> its `image` and `key` (pyarrow)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_columns": OrderedDict()}
+        return {**self.__dict__, "_tables": OrderedDict()}
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard, row) of item i."""
@@ -84,17 +87,12 @@ class ShardImages:
         return f"{self.root}/{self.shards[k]['file']}"
 
     def raw(self, i: int) -> bytes:
-        """The encoded bytes of item i, as the source held them."""
+        """The encoded bytes of item i, as the source held them; ValueError for a row without an image."""
         k, row = self.locate(i)
-        column = self._columns.get(k)
-        if column is None:
-            column = self._read(k, "image")
-            self._columns[k] = column
-            while len(self._columns) > KEEP_SHARDS:
-                self._columns.popitem(last=False)
-        else:
-            self._columns.move_to_end(k)
-        return column[row].as_py()
+        data = self._table(k).column("image")[row].as_py()
+        if data is None:
+            raise ValueError(f"{self.url(k)} row {row}: no image (null)")
+        return data
 
     def open(self, i: int, draft: tuple[int, int] | None = None):
         return open_image(self.raw(i), draft)
@@ -105,43 +103,90 @@ class ShardImages:
     def describe(self, i: int) -> str:
         k, row = self.locate(i)
         try:
-            key = f" ({self._read(k, 'key')[row].as_py()})"
+            key = f" ({self._table(k).column('key')[row].as_py()})"
         except ShardError:
             key = ""
         return f"{self.url(k)} row {row}{key}"
 
-    def _read(self, k: int, column: str):
-        """One column of shard k, read whole (a remote shard is fetched first)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _table(self, k: int):
+        table = self._tables.get(k)
+        if table is None:
+            table = self._tables[k] = self._read(k)
+            while len(self._tables) > KEEP_SHARDS:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(k)
+        return table
 
+    def _read(self, k: int):
+        """Shard k's `image` and `key` columns, from bytes that are the manifest's (a remote shard is fetched
+        first; a cached copy that is not what its name promises is evicted and fetched again, once)."""
+        entry = self.shards[k]
         for attempt in range(2):
-            path = self._local_path(k)
+            path = self.cache.fetch(self.url(k), entry["sha256"], entry["bytes"]) if self.cache else \
+                Path(self.root) / entry["file"]
             try:
-                return pq.read_table(path, columns=[column]).column(column)
+                data = _read_bytes(path, entry["bytes"])
             except FileNotFoundError:
                 if self.cache is None or attempt:
                     raise ShardError(f"{path}: shard not found (manifest.json lists it); copy the whole shard "
                                      f"folder again, or write it anew with `imgcls-data shard`") from None
-                # evicted by another process between the fetch and the read: fetch again
-            except (pa.ArrowException, OSError) as e:
-                raise ShardError(f"{path}: cannot read this shard ({type(e).__name__}: {e}); write the shards "
-                                 f"anew with `imgcls-data shard`") from None
+                continue  # evicted by another process between the fetch and the read: fetch again
+            except OSError as e:
+                raise ShardError(f"{path}: cannot read this shard ({type(e).__name__}: {e}); {ANEW}") from None
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == entry["sha256"] and len(data) == entry["bytes"]:
+                return self._checked(k, path, data)
+            if self.cache is not None and not attempt:
+                self.cache.evict(path)
+                continue
+            if len(data) != entry["bytes"]:
+                raise ShardError(f"{path}: {_size(path)} bytes, but manifest.json says {entry['bytes']}: the shard "
+                                 f"changed after it was written; {ANEW}")
+            raise ShardError(f"{path}: sha256 {digest}, but manifest.json says {entry['sha256']}: the shard changed "
+                             f"after it was written; {ANEW}")
         raise AssertionError("unreachable")
 
-    def _local_path(self, k: int) -> Path:
-        entry = self.shards[k]
-        if self.cache is not None:
-            return self.cache.fetch(self.url(k), entry["sha256"], entry["bytes"])
-        path = Path(self.root) / entry["file"]
+    def _checked(self, k: int, path: Path, data: bytes):
+        """The parsed shard, if its columns, row count and labels are what the manifest and labels file say."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return path  # _read names it
-        if size != entry["bytes"]:
-            raise ShardError(f"{path}: {size} bytes, but manifest.json says {entry['bytes']}: the shard changed "
-                             f"after it was written; write the shards anew with `imgcls-data shard`")
-        return path
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(f"{path}: cannot read this shard ({type(e).__name__}: {e}); {ANEW}") from None
+        where, count = self.url(k), self.shards[k]["count"]
+        columns = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+        if columns != COLUMNS:
+            raise ShardError(f"{where}: columns {columns}; a shard holds {COLUMNS_SAID}; {ANEW}")
+        if table.num_rows != count:
+            raise ShardError(f"{where}: {table.num_rows} rows, but manifest.json says {count}; {ANEW}")
+        got = table.column("label").to_numpy(zero_copy_only=False)
+        want = self.labels[self.starts[k]:self.starts[k] + count]
+        differ = np.flatnonzero(table.column("label").is_null().to_numpy(zero_copy_only=False) | (got != want))
+        if differ.size:
+            row = int(differ[0])
+            raise ShardError(f"{where} row {row}: label {table.column('label')[row].as_py()} in the shard, "
+                             f"{want[row]} in {labels_file(self.split)}; the shards and their labels were not "
+                             f"written together: {ANEW}")
+        return table.select(["image", "key"])
+
+
+def _read_bytes(path: Path, nbytes: int) -> bytes:
+    """At most nbytes + 1 bytes of a regular file (never waiting on a FIFO or reading a device without end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        return f.read(nbytes + 1)
+
+
+def _size(path: Path) -> int | str:
+    with contextlib.suppress(OSError):
+        return path.stat().st_size
+    return "?"
 
 
 def shard_counts(split: Split) -> list[int]:
@@ -159,79 +204,6 @@ def shard_counts(split: Split) -> list[int]:
 
 
 # ---------------------------------------------------------------- indexing
-def _fetch_small(root: str, name: str) -> bytes:
-    """manifest.json or a label file, through fsspec (a local folder, http(s)://, hf://)."""
-    import fsspec
-
-    url = f"{root}/{name}"
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        hint = ("is data.root a folder written by `imgcls-data shard`?" if name == MANIFEST else
-                "manifest.json lists this split, so the shard folder is incomplete: copy it again")
-        raise DataError(f"{url} not found; {hint}") from None
-    except transfer_errors() as e:
-        raise DataError(f"cannot read {url} ({type(e).__name__}: {e}); check data.root and that this machine "
-                        f"can reach it") from None
-    except ImportError as e:  # fsspec's http(s) needs aiohttp; hf:// needs huggingface_hub
-        raise DataError(f"cannot read {url}: {e}") from None
-
-
-def _problem(manifest: dict) -> str:
-    """What is wrong with a parsed manifest of the right format and version; '' when nothing is."""
-    try:
-        if not all(isinstance(c, str) for c in manifest["class_names"]):
-            return "class_names must be a list of strings"
-        for name, split in manifest["splits"].items():
-            for s in split["shards"]:
-                if not isinstance(s["file"], str) or "/" in s["file"] or s["file"].startswith("."):
-                    return f"split {name!r}: shard file {s['file']!r} is not a plain file name"
-                if not (isinstance(s["count"], int) and isinstance(s["bytes"], int) and isinstance(s["sha256"], str)):
-                    return f"split {name!r}: shard {s['file']!r} needs an integer count and bytes and a sha256"
-            total = sum(s["count"] for s in split["shards"])
-            if total != split["count"]:
-                return f"split {name!r} says {split['count']} items, its shards hold {total}"
-    except (KeyError, TypeError, AttributeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return ""
-
-
-def read_manifest(root: str) -> tuple[dict, str]:
-    """The manifest of a shard folder and the sha256 of its bytes; DataError naming it when it is not one."""
-    data = _fetch_small(root, MANIFEST)
-    where = f"{root}/{MANIFEST}"
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{where}: not a JSON object; write the shards anew with `imgcls-data shard`")
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{where}: format {manifest.get('format')!r}, expected {FORMAT!r}; is data.root a folder "
-                        f"written by `imgcls-data shard`?")
-    if manifest.get("version") != VERSION:
-        raise DataError(f"{where}: version {manifest.get('version')!r}; this imgcls reads version {VERSION}: use "
-                        f"the imgcls that wrote it, or write the shards anew")
-    problem = _problem(manifest)
-    if problem:
-        raise DataError(f"{where}: malformed ({problem}); write the shards anew with `imgcls-data shard`")
-    return manifest, hashlib.sha256(data).hexdigest()
-
-
-def _labels(root: str, split: str, count: int, classes: int) -> list[int]:
-    name = labels_file(split)
-    try:
-        labels = np.load(io.BytesIO(_fetch_small(root, name)), allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{root}/{name}: not a numpy array file ({e}); write the shards anew") from None
-    if labels.shape != (count,) or labels.dtype.kind not in "iu":
-        raise DataError(f"{root}/{name}: {labels.dtype} {labels.shape}, manifest.json says {count} integer labels")
-    if count and (labels.min() < 0 or labels.max() >= classes):
-        raise DataError(f"{root}/{name}: labels outside 0..{classes - 1} (manifest.json names {classes} classes)")
-    return labels.tolist()
-
-
 def cache_for(cfg: DataConfig, root: str) -> ShardCache:
     default = cache_root(cfg.cache_dir) / "shards" / hashlib.sha256(root.encode()).hexdigest()[:16]
     folder = cfg.shard_cache_dir or default
@@ -251,6 +223,7 @@ def load_shards(cfg: DataConfig) -> tuple[dict[str, Split], list[str]]:
     cache = cache_for(cfg, root) if is_remote(root) else None
     splits = {}
     for name, entry in manifest["splits"].items():
-        labels = _labels(root, name, entry["count"], len(names))
-        splits[name] = Split(name, labels, ShardImages(root, name, entry["shards"], manifest_sha, cache))
+        labels = read_labels(root, name, entry, len(names))
+        reader = ShardImages(root, name, entry["shards"], manifest_sha, cache, labels)
+        splits[name] = Split(name, labels.tolist(), reader)
     return splits, names

@@ -159,7 +159,7 @@ def write_shards(splits: dict, class_names: list[str], out: Path, size: ShardSiz
     """All `splits` (name -> Split, in order) as shards in `out`, atomically; the manifest."""
     import numpy as np
 
-    from imgcls.data.shards import FORMAT, MANIFEST, VERSION, labels_file
+    from imgcls.data.shard_manifest import FORMAT, MANIFEST, VERSION, file_entry, labels_file
 
     refuse_filled(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -171,6 +171,7 @@ def write_shards(splits: dict, class_names: list[str], out: Path, size: ShardSiz
         for name, split in splits.items():
             manifest["splits"][name] = write_split(name, split, tmp, size)
             np.save(tmp / labels_file(name), _labels_array(split, len(class_names)))
+            manifest["splits"][name]["labels"] = file_entry((tmp / labels_file(name)).read_bytes(), labels_file(name))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         os.rename(tmp, out)  # replaces an empty folder; fails on one filled meanwhile
     except BaseException:
