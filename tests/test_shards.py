@@ -75,15 +75,17 @@ def manifest_of(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-def assert_same_items(source, sharded) -> None:
-    """Item k of `sharded` (all items of its shards) is position k of `source`: bytes, pixels, label, key."""
+def assert_same_items(source, sharded, base: Path) -> None:
+    """Item k of `sharded` (all items of its shards) is position k of `source`: bytes, pixels, label, and its key
+    is where the source's item came from, relative to `base` (the source's root)."""
     assert len(sharded) == len(source) and sharded.indices == list(range(len(source)))
     for k, i in enumerate(source.indices):
         assert sharded.reader.raw(k) == source.reader.raw(i)
         got, want = sharded.open(k), source.open(i)
         assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want))
         assert sharded.labels[k] == source.labels[i]
-        assert sharded.describe(k).endswith(f" ({source.describe(i)})")
+        assert f" ({base}/" in f" ({source.describe(i)}" or f" ({base} " in f" ({source.describe(i)}"
+        assert sharded.describe(k).endswith(f" ({source.describe(i).removeprefix(str(base))[1:]})")
 
 
 # ---------------------------------------------------------------- the writer
@@ -113,10 +115,12 @@ def test_folder_round_trip(tree, tmp_path, capsys):
     source, sharded = build_splits(folder_cfg(tree)), build_splits(shards_cfg(out))
     assert sharded.class_names == CLASSES and sharded.sizes() == "train 18 / val 6 / test 6"
     for name in ("train", "val", "test"):
-        assert_same_items(getattr(source, name), getattr(sharded, name))
+        assert_same_items(getattr(source, name), getattr(sharded, name), tree)
         labels = np.load(out / f"{name}.labels.npy")
         assert labels.dtype == np.uint8 and labels.tolist() == getattr(sharded, name).labels
-    assert sharded.train.describe(5) == f"{out}/train-00001.parquet row 1 ({tree}/train/a/0005.jpg)"
+    assert sharded.train.describe(5) == f"{out}/train-00001.parquet row 1 (train/a/0005.jpg)"
+    keys = [k for f in out.glob("*.parquet") for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
+    assert len(keys) == 30 and not [k for k in keys if str(tmp_path) in k or k.startswith("/")]
     assert pq.read_table(out / "train-00001.parquet", columns=["label"]).column("label").to_pylist() == [0, 0, 1, 1]
 
 
@@ -125,8 +129,8 @@ def test_train_is_written_shuffled_once_by_default_so_every_shard_holds_every_cl
     assert shard(tree, out, "--order", "shuffled", "--seed", "3", "--shard-size", "9") == 0
     source, sharded = build_splits(folder_cfg(tree)), build_splits(shards_cfg(out))
     order = np.random.default_rng(3).permutation(len(source.train)).tolist()
-    assert_same_items(source.train.subset("train", order), sharded.train)
-    assert_same_items(source.val, sharded.val)  # val and test keep their order
+    assert_same_items(source.train.subset("train", order), sharded.train, tree)
+    assert_same_items(source.val, sharded.val, tree)  # val and test keep their order
     assert manifest_of(out)["train_order"] == {"order": "shuffled", "seed": 3}
     for entry in manifest_of(out)["splits"]["train"]["shards"]:  # 9 of 18 images, 3 classes of 6: all in each
         labels = pq.read_table(out / entry["file"], columns=["label"]).column("label").to_pylist()
@@ -144,8 +148,8 @@ def test_hub_layout_round_trip_writes_the_carved_val(tmp_path):
     sharded = build_splits(shards_cfg(out))
     assert sharded.class_names == ["zero", "one", "two", "three"]
     for name in ("train", "val", "test"):
-        assert_same_items(getattr(source, name), getattr(sharded, name))
-    assert sharded.val.describe(0) == f"{out}/val-00000.parquet row 0 ({hub} [train] row {source.val.indices[0]})"
+        assert_same_items(getattr(source, name), getattr(sharded, name), hub)
+    assert sharded.val.describe(0) == f"{out}/val-00000.parquet row 0 ([train] row {source.val.indices[0]})"
 
 
 def test_shard_size_in_bytes_closes_a_shard_before_the_image_that_would_overflow_it(tree, tmp_path):
@@ -292,7 +296,7 @@ def test_http_shards_read_through_a_bounded_cache(tree, tmp_path):
         assert 1 <= len(held) <= 2 and all(p.endswith(".parquet") and not p.startswith(".") for p in held)
         entry = manifest_of(out)["splits"]["train"]["shards"][4]
         assert held[-1] == f"train-00004-{entry['sha256'][:16]}.parquet"
-        assert sharded.train.describe(17) == f"{url.rstrip('/')}/train-00004.parquet row 1 ({tree}/train/c/0005.jpg)"
+        assert sharded.train.describe(17) == f"{url.rstrip('/')}/train-00004.parquet row 1 (train/c/0005.jpg)"
 
 
 def test_a_corrupted_remote_shard_is_named_with_both_hashes(tree, tmp_path):

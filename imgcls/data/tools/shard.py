@@ -96,6 +96,27 @@ def item_bytes(reader, i: int) -> bytes:
     raise TypeError(f"cannot read the encoded bytes of a {type(reader).__qualname__} reader")
 
 
+def source_base(cfg) -> str:
+    """The local folder the source's item descriptions start with: data.root, or a hub dataset's folder."""
+    base = cfg.dataset if cfg.source == "hub" else cfg.root
+    path = Path(base).expanduser() if base else None
+    if path is None or not path.exists():
+        return ""  # a hub id, or nothing local to hide
+    return str(path.parent if path.is_file() else path)
+
+
+def relative_key(description: str, base: str) -> str:
+    """Where an item came from, without the local folders above the source: `train/a/0005.jpg` for
+    `/home/me/photos/train/a/0005.jpg` with `base` /home/me/photos, `[train] row 3` for `<hub folder> [train]
+    row 3`; an absolute path elsewhere keeps its file name only (user names and folder layouts stay home)."""
+    if base:
+        for prefix in dict.fromkeys((base, os.path.abspath(base), os.path.realpath(base))):
+            for sep in ("/", " "):
+                if description.startswith(prefix + sep):
+                    return description[len(prefix) + 1:]
+    return os.path.basename(description) if os.path.isabs(description) else description
+
+
 def _file_entry(path: Path, count: int) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,8 +136,8 @@ def _write_shard(path: Path, rows: list[tuple[bytes, int, str]]) -> None:
     pq.write_table(table, path, compression="none", use_dictionary=False)
 
 
-def write_split(name: str, split, folder: Path, size: ShardSize) -> dict:
-    """The shards of one split in `folder`; its manifest entry."""
+def write_split(name: str, split, folder: Path, size: ShardSize, base: str = "") -> dict:
+    """The shards of one split in `folder` (keys relative to `base`, see `relative_key`); its manifest entry."""
     from tqdm.auto import tqdm
 
     from imgcls.data.shards import shard_file
@@ -135,7 +156,7 @@ def write_split(name: str, split, folder: Path, size: ShardSize) -> dict:
         if size.full(len(rows), nbytes, len(data)):
             close(rows)
             rows, nbytes = [], 0
-        rows.append((data, int(split.labels[i]), split.describe(i)))
+        rows.append((data, int(split.labels[i]), relative_key(split.describe(i), base)))
         nbytes += len(data)
     if rows:
         close(rows)
@@ -155,8 +176,10 @@ def refuse_filled(out: Path) -> None:
                         f"empty folder: choose another OUT, or remove this one")
 
 
-def write_shards(splits: dict, class_names: list[str], out: Path, size: ShardSize, order: dict | None = None) -> dict:
-    """All `splits` (name -> Split, in order) as shards in `out`, atomically; the manifest."""
+def write_shards(splits: dict, class_names: list[str], out: Path, size: ShardSize, order: dict | None = None,
+                 base: str = "") -> dict:
+    """All `splits` (name -> Split, in order) as shards in `out`, atomically, keys relative to `base`; the
+    manifest."""
     import numpy as np
 
     from imgcls.data.shard_manifest import FORMAT, MANIFEST, VERSION, file_entry, labels_file
@@ -169,7 +192,7 @@ def write_shards(splits: dict, class_names: list[str], out: Path, size: ShardSiz
         manifest = {"format": FORMAT, "version": VERSION, "class_names": list(class_names), "splits": {},
                     **({"train_order": order} if order else {})}
         for name, split in splits.items():
-            manifest["splits"][name] = write_split(name, split, tmp, size)
+            manifest["splits"][name] = write_split(name, split, tmp, size, base)
             np.save(tmp / labels_file(name), _labels_array(split, len(class_names)))
             manifest["splits"][name]["labels"] = file_entry((tmp / labels_file(name)).read_bytes(), labels_file(name))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -205,10 +228,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out).expanduser()
     refuse_filled(out)  # before the image check, which may take minutes
-    found = build_splits(data_config_of(args))
+    cfg = data_config_of(args)
+    found = build_splits(cfg)
     splits = {"train": train_order(found.train, args.order, args.seed), "val": found.val, **({"test": found.test} if found.test is not None else {})}
     manifest = write_shards(splits, found.class_names, out, args.shard_size,
-                            {"order": args.order, **({"seed": args.seed} if args.order == "shuffled" else {})})
+                            {"order": args.order, **({"seed": args.seed} if args.order == "shuffled" else {})},
+                            source_base(cfg))
     for line in summary(manifest):
         print(line)
     print(f"wrote {out}: set data.source = \"shards\" and data.root = \"{out}\" (or the URL you publish it at)")
