@@ -126,6 +126,9 @@ class DataConfig(Section):
     val_pick: Literal["first", "random"] = "random"
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
+    # an image of more pixels is a bad image (through on_bad_image), refused from its header before decoding: a
+    # decompression bomb under Pillow's own limit costs ~1 GB per decoder. 64 Mpx = 67,108,864 (9,500 x 7,000)
+    max_image_pixels: int = Field(64 * 2**20, ge=1)
     # preprocessing, stored with the model
     image_size: IntPair = (224, 224)
     channels: Annotated[Literal[1, 3], BeforeValidator(_not_a_boolean)] = 3

@@ -298,8 +298,9 @@ def test_a_file_gone_since_indexing_is_named(mixed, tmp_path):
     os.remove(mixed[4])
     with pytest.raises(DataError) as e:
         open_disk(split, pre(), "eval", cache_dir=str(tmp_path))
-    assert str(e.value) == (f"{mixed[4]}: image no longer exists (it was there when 'train' was indexed); restore "
-                            f"it or start again so the folder is indexed anew")
+    assert str(e.value) == (f"cannot read image {mixed[4]}: FileNotFoundError: [Errno 2] No such file or directory: "
+                            f"'{mixed[4]}'. Fix or remove the file, or set data.on_bad_image = \"skip\" to leave "
+                            f"unreadable images out.")
 
 
 def test_other_local_ranks_wait_for_local_rank_0(mixed, tmp_path):

@@ -49,7 +49,7 @@ def max_image_pixels() -> int:
 
 
 class NotAnImageFile(OSError):
-    """A path that cannot hold an image (a dangling symlink, a symlink loop, a FIFO): a bad image, not a
+    """A symlink that leads to no image (dangling, or a loop): a bad image, not a
     passing read error (its errno is None)."""
 
 
@@ -80,7 +80,7 @@ def _read_regular_file(path: Union[str, os.PathLike]) -> bytes:
         raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotAnImageFile(f"{os.fsdecode(path)}: not a regular file (a FIFO, device, socket or folder); images are "
+            raise OSError(f"{os.fsdecode(path)}: not a regular file (a FIFO, device, socket or folder); images are "
                           "read from regular files only")
         os.set_blocking(fd, True)
     except BaseException:

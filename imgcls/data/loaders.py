@@ -97,7 +97,7 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     # shards hold images `imgcls-data shard` checked when it wrote them, each shard verified by its sha256 when
     # read: decoding them all again here would download every remote shard before the first step
     checked = named if cfg.source == "shards" else check_images(named, found.empty_folders, cfg.on_bad_image,
-                                                                 cfg.cache_dir)
+                                                                 cfg.cache_dir, cfg.max_image_pixels)
     return DataSplits(checked["train"], checked["val"], checked.get("test"), found.class_names)
 
 

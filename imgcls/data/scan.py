@@ -6,11 +6,15 @@ folder without images: one DataError with `data.on_bad_image = "error"`; with "s
 them and one warning with the counts. More than SHOWN problems: the message shows the first SHOWN and writes
 the full list to a file whose path it gives. Measured on 2 busy cores: 5,000 CIFAR JPEGs (32 px) 0.4 s,
 5,000 JPEGs of 500x375 1.3 s, the 70,000 MNIST PNG rows of the hub layout ~3.5 s. The result is kept in the
-cache folder (`data.cache_dir`) under a key of the split's images (every path with its size and mtime, or the
-dataset's fingerprint): a second run over unchanged images reads it instead of decoding them again.
+cache folder (`data.cache_dir`) under a key of the split's images (every path with its size, mtime, inode and
+ctime, or the dataset's fingerprint), `data.max_image_pixels` and the checking code: a second run over unchanged
+images reads it instead of decoding them again. Only what the file holds is kept: a read that failed for a
+passing reason (an OSError with an errno: EACCES, EMFILE, EIO, ...) is a bad image for this run only, and a
+result that holds one is not kept.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,8 +24,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, source_fingerprint
-from imgcls.data.images import BAD_IMAGE_ERRORS
+from imgcls.data import images
+from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, code_identity, source_fingerprint
+from imgcls.data.images import BAD_IMAGE_ERRORS, MAX_IMAGE_PIXELS, set_max_image_pixels
 from imgcls.data.pool import map_chunks
 from imgcls.data.split import Split
 from imgcls.errors import DataError
@@ -32,26 +37,50 @@ SHOWN = 20
 CHUNK = 256  # items per task: few enough tasks to keep the pool's overhead small, enough to balance threads
 
 
-def _check_items(splits: list[Split], job: tuple[int, list[int]]) -> list[tuple[int, str]]:
+# errnos that say what the file is, not how the read went: kept with the result (the key holds the file's stat)
+_LASTING_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _lasting(e: BaseException) -> bool:
+    """A decode error, or an OSError about the file itself; not EACCES, EMFILE, EIO and the like, which pass."""
+    return not isinstance(e, OSError) or e.errno is None or e.errno in _LASTING_ERRNOS
+
+
+def _check_items(splits: list[Split], job: tuple[int, list[int]]) -> list[tuple[int, str, bool]]:
     split, items = splits[job[0]], job[1]
     bad = []
     for i in items:
         try:
             split.reader.check(i)
         except BAD_IMAGE_ERRORS as e:
-            bad.append((i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            bad.append((i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _lasting(e)))
     return bad
 
 
 def _result_file(split: Split, cache_dir: str) -> Path | None:
-    """Where the check's result for exactly these images (paths, sizes, mtimes, or the dataset's fingerprint)
-    is kept; None for a reader the fingerprint does not know (then the images are checked every run)."""
+    """Where the check's result for exactly these images (paths with their stat, or the dataset's fingerprint),
+    this pixel limit and this checking code is kept; None for a reader the fingerprint does not know (then the
+    images are checked every run)."""
     try:
         source = source_fingerprint(split)
     except TypeError:
         return None
-    key = hashlib.sha256(json.dumps({"check": source, "format": FORMAT_VERSION}, sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps({"check": source, "format": FORMAT_VERSION, "code": code_identity([images]),
+                                     "max_image_pixels": images.max_image_pixels()}, sort_keys=True).encode())
     return cache_root(cache_dir) / "image-check" / f"{key.hexdigest()}.json"
+
+
+def _keep(f: Path, found: list[tuple[int, str]]) -> None:
+    """Write the result whole under an unpredictable temp name (mkstemp: O_EXCL, never through a planted link)."""
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=f.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(json.dumps(found))
+        os.replace(tmp, f)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple[int, str]]]:
@@ -60,15 +89,15 @@ def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple
     files = [_result_file(split, cache_dir) for split in splits]
     known = [_read_result(f) for f in files]
     found = _decode_all(splits, [k for k, seen in enumerate(known) if seen is None])
+    result = []
     for k, f in enumerate(files):
         if known[k] is not None:
-            found[k] = [(int(i), why) for i, why in known[k]]
-        elif f is not None:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(found[k]))
-            os.replace(tmp, f)
-    return found
+            result.append([(int(i), why) for i, why in known[k]])
+            continue
+        result.append([(i, why) for i, why, _ in found[k]])
+        if f is not None and all(lasting for _, _, lasting in found[k]):
+            _keep(f, result[-1])
+    return result
 
 
 def _read_result(f: Path | None) -> list | None:
@@ -82,10 +111,10 @@ def _read_result(f: Path | None) -> list | None:
     return found if isinstance(found, list) else None
 
 
-def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, str]]]:
+def _decode_all(splits: list[Split], which: list[int]) -> list[list[tuple[int, str, bool]]]:
     """Decode every item of splits[k] for k in `which`, chunk by chunk in a process pool."""
     jobs = [(k, splits[k].indices[s:s + CHUNK]) for k in which for s in range(0, len(splits[k].indices), CHUNK)]
-    found: list[list[tuple[int, str]]] = [[] for _ in splits]
+    found: list[list[tuple[int, str, bool]]] = [[] for _ in splits]
     results = map_chunks(_check_items, splits, jobs)
     for (k, _), bad in tqdm(zip(jobs, results), total=len(jobs), desc="checking images", unit="chunk",
                             disable=None, leave=False):
@@ -108,9 +137,12 @@ def _listing(problems: list[str]) -> list[str]:
 
 
 def check_images(splits: dict[str, Split], empty_folders: list[str], on_bad_image: str,
-                 cache_dir: str = "") -> dict[str, Split]:
+                 cache_dir: str = "", max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, Split]:
     """`splits` as they are when every image decodes and no class folder is empty; otherwise one DataError
-    naming every problem ("error"), or the splits without the unreadable images and a warning ("skip")."""
+    naming every problem ("error"), or the splits without the unreadable images and a warning ("skip").
+    `max_image_pixels` becomes the process's limit (`images.set_max_image_pixels`): the check and every later
+    decode in this process and its forked workers refuse larger images."""
+    set_max_image_pixels(max_image_pixels)
     first_names: dict[int, tuple[str, Split]] = {}
     for name, s in splits.items():  # the same split may serve twice (val_split = test_split)
         first_names.setdefault(id(s), (name, s))

@@ -26,7 +26,7 @@ from imgcls.data.classnames import check_class_names
 from imgcls.errors import ClassNameError
 from imgcls.data.loaders import carve_val, pick_split
 from imgcls.data.hub import streaming_refusal
-from imgcls.data.images import BAD_IMAGE_ERRORS
+from imgcls.data.images import BAD_IMAGE_ERRORS, set_max_image_pixels
 from imgcls.data.labels import MIN_IMAGES_PER_CLASS, rare_classes
 from imgcls.data.pool import map_chunks
 from imgcls.recipe import DataConfig
@@ -283,6 +283,7 @@ def build_report(cfg: DataConfig) -> Report:
     for name, split in used.items():
         owner[name] = next((n for n in owner if used[n] is split), name)
     unique = {name: split for name, split in used.items() if owner[name] == name}
+    set_max_image_pixels(cfg.max_image_pixels)  # as imgcls-train's check: a larger image is unreadable
     bad_lists = dict(zip(unique, find_unreadable(list(unique.values()), cfg.cache_dir)))
     bad = {name: {i for i, _ in found_bad} for name, found_bad in bad_lists.items()}
     report = Report(
