@@ -138,3 +138,18 @@ def test_too_many_micro_batches_is_an_error_naming_the_numbers():
     assert str(e.value) == "4 micro-batches of 4 on each of 2 process(es) need 32 items; the shards hold 30"
     with pytest.raises(ValueError, match="need 64 items; the shards hold 30"):
         ShardOrderSampler(COUNTS, 2, 32, None, seed=0)
+
+
+def test_the_shard_order_and_the_row_orders_are_drawn_from_distinct_streams():
+    """SeedSequence([seed, epoch]) is SeedSequence([seed, epoch, 0]) (trailing zeros pad the entropy): with the two
+    orders keyed that way, shard 0's rows came in the order of the shards, every epoch."""
+    counts = [6] * 6
+    s = ShardOrderSampler(counts, 1, 6, None, seed=11)
+    owner = shard_of(counts)
+    same = 0
+    for epoch in range(20):
+        seq = s.sequence(epoch)
+        shard_order = [int(k) for k, _ in itertools.groupby(owner[seq])]
+        rows_of_0 = [int(i) for i in seq if owner[i] == 0]
+        same += shard_order == rows_of_0
+    assert same == 0

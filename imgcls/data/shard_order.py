@@ -7,7 +7,8 @@
     loader.set_epoch(epoch)                  # before iterating each epoch (the protocol accelerate calls)
 
 The epoch's sequence S. Shuffled, S visits the shards in an order drawn from (seed, epoch) and, inside each
-shard, its items in an order drawn from (seed, epoch, shard); both come from numpy's `SeedSequence`, so S is a
+shard, its items in an order drawn from (seed, epoch, shard); both come from numpy's `SeedSequence` (in two
+domains, so that no shard's row order is the shard order), so S is a
 pure function of (seed, epoch): the same on every process, after a resume, with any number of workers.
 Unshuffled, S = 0, 1, ..., N-1: the order of a folder loader without shuffle.
 
@@ -37,6 +38,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+SHARD_ORDER, ROW_ORDER = 0, 1  # the two domains of random numbers
+
 
 class ShardOrderSampler(Sampler[int]):
     def __init__(self, counts: Sequence[int], world_size: int, per_device_batch: int,
@@ -64,17 +67,19 @@ class ShardOrderSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.world_size * self.micro_batches * self.per_device_batch
 
-    def _entropy(self, *parts: int) -> list[int]:
-        return [int(p) % 2**64 for p in (self.seed, *parts)]  # SeedSequence takes non-negative integers
+    def _rng(self, domain: int, *parts: int) -> np.random.Generator:
+        """A generator of (seed, parts) in its own domain (spawn_key): SeedSequence pads entropy with zeros, so
+        [seed, epoch] and [seed, epoch, 0] alone would be one stream, and shard 0's rows would follow the shards."""
+        entropy = [int(p) % 2**64 for p in (self.seed, *parts)]  # SeedSequence takes non-negative integers
+        return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(domain,)))
 
     def sequence(self, epoch: int | None = None) -> np.ndarray:
         """S of an epoch (this sampler's epoch by default): every position once, int64 [N]."""
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return np.arange(self.starts[-1], dtype=np.int64)
-        shards = np.random.default_rng(np.random.SeedSequence(self._entropy(epoch))).permutation(len(self.counts))
-        runs = [self.starts[k] + np.random.default_rng(np.random.SeedSequence(self._entropy(epoch, k)))
-                .permutation(self.counts[k]) for k in shards]
+        shards = self._rng(SHARD_ORDER, epoch).permutation(len(self.counts))
+        runs = [self.starts[k] + self._rng(ROW_ORDER, epoch, k).permutation(self.counts[k]) for k in shards]
         return np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
 
     def lanes(self, epoch: int | None = None) -> np.ndarray:
