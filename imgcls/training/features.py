@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imgcls.data import augment, autoaugment, images, store, transforms
+from imgcls.data import fingerprint
 from imgcls.data.fingerprint import source_fingerprint
 
 log = get_logger(__name__)
@@ -48,9 +50,9 @@ def _sha(data: bytes) -> str:
 
 
 def code_identity() -> dict:
-    """sha256 of the source of this module and of each module that makes the pixels it reads."""
-    modules = {__name__: Path(__file__)} | {m.__name__: Path(m.__file__) for m in _CODE}
-    return {name: _sha(path.read_bytes()) for name, path in sorted(modules.items())}
+    """sha256 of the source of this module and of each module that makes the pixels it reads (the one scheme
+    of every cache: `fingerprint.code_identity`)."""
+    return fingerprint.code_identity([sys.modules[__name__], *_CODE])
 
 
 def model_identity(model: nn.Module, head: str, name: str, args: dict) -> dict:
