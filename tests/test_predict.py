@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
 from imgcls.inference.export import main as export_main
-from imgcls.training.checkpoint import load_artifact, save_artifact
+from imgcls.inference.artifact import load_artifact, save_artifact
 from imgcls.inference.predict import main as predict_main, prepare, read_views, sort_into
 from imgcls.data.transforms import Preprocess
 
@@ -187,7 +187,7 @@ def test_class_names_that_look_like_paths_are_sorted_into_safe_folders_inside_di
     dest = tmp_path / "x" / "sorted"
     assert predict_main([str(odd), str(images), "--sort-into", str(dest)]) == 0
     made = sorted(p.name for p in dest.iterdir())
-    assert set(made) <= {".._.._escaped_a", "T - shirt _ top", "_..", "C_stuff"} and made
+    assert set(made) <= {".._.._escaped_a", "T - shirt _ top", "_.._", "C_stuff"} and made
     assert sum(1 for _ in dest.rglob("*.png")) == 40
     assert [p for p in tmp_path.rglob("*escaped_a*") if not p.is_relative_to(dest)] == []
 

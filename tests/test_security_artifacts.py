@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import write_class_folders, write_recipe
+from imgcls.data.classnames import check_class_names
 from imgcls.data.transforms import Preprocess
 from imgcls.inference.export import main as export_main
+from imgcls.inference.predict import META_KEY, main as predict_main
 from imgcls.models.registry import build_model
 from imgcls.recipe import load_recipe, recipe_to_toml
-from imgcls.training.checkpoint import save_artifact
+from imgcls.inference.artifact import save_artifact
+from imgcls.errors import ClassNameError
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -90,3 +94,71 @@ def test_export_checks_the_bytes_it_wrote_never_the_file_on_disk(artifact, tmp_p
     # what was checked is what is on disk
     on_disk = [(out / name).read_bytes() for name in ("model.torchscript.pt", "model.pt2")]
     assert [f.getvalue() for f in seen] == on_disk
+
+
+# ---------------------------------------------------------------- class names that do not fit the model (#20.19)
+def _with_names(artifact: Path, dest: Path, names: list) -> Path:
+    copy = Path(shutil.copytree(artifact, dest, ignore=shutil.ignore_patterns("export", "eval")))
+    config = json.loads((copy / "config.json").read_text())
+    config["class_names"] = names
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_duplicate_class_names_are_refused():
+    with pytest.raises(ClassNameError) as info:
+        check_class_names(["cat", "dog", "cat"], "labels.txt")
+    assert str(info.value) == ("labels.txt: class name 'cat' is listed twice (positions 0 and 2); each class needs "
+                               "its own name")
+
+
+def test_an_artifact_with_a_duplicate_class_name_is_refused_at_load(artifact, tmp_path, capsys):
+    bad = _with_names(artifact, tmp_path / "bad", ["a", "b", "a", "d"])
+    assert predict_main([str(bad), str(artifact.parents[1] / "imgs" / "val")]) == 2
+    assert capsys.readouterr().err == (f"error: {bad / 'config.json'}: class name 'a' is listed twice (positions 0 "
+                                       f"and 2); each class needs its own name\n")
+
+
+def test_an_artifact_with_fewer_class_names_than_outputs_is_refused_at_load(artifact, tmp_path, capsys):
+    bad = _with_names(artifact, tmp_path / "bad", ["a", "b"])
+    out = tmp_path / "out.csv"
+    assert predict_main([str(bad), str(artifact.parents[1] / "imgs" / "val"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {bad}: the model has 4 outputs but config.json lists 2 class names; an artifact needs one class "
+        f"name per output\n")
+    assert not out.exists()
+    assert export_main([str(bad), "--format", "onnx", "--out", str(tmp_path / "export")]) == 2
+    assert "the model has 4 outputs but config.json lists 2 class names" in capsys.readouterr().err
+
+
+def test_an_onnx_file_with_fewer_class_names_than_outputs_is_refused(artifact, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "export"
+    assert export_main([str(artifact), "--format", "onnx", "--out", str(out), "--parity-images", "4"]) == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    entry = next(e for e in proto.metadata_props if e.key == META_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "class_names": ["a", "b"]})
+    onnx.save(proto, str(tmp_path / "two.onnx"))
+    capsys.readouterr()
+    assert predict_main([str(tmp_path / "two.onnx"), str(artifact.parents[1] / "imgs" / "val")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'two.onnx'}: the model has 4 outputs but its metadata {META_KEY!r} lists 2 class "
+        f"names; an exported model needs one class name per output\n")
+
+
+# ---------------------------------------------------------------- file names that are not UTF-8 (#20.17)
+def test_a_file_name_that_is_not_utf8_is_written_and_sorted(artifact, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = b"\xe9t\xe9.png"  # Latin-1 bytes: a name no UTF-8 decoder accepts
+    shutil.copy(next((artifact.parents[1] / "imgs" / "val" / "a").iterdir()), os.path.join(os.fsencode(folder), raw))
+    shutil.copy(next((artifact.parents[1] / "imgs" / "val" / "b").iterdir()), folder / "plain.png")
+    out, dest = tmp_path / "out.csv", tmp_path / "sorted"
+    assert predict_main([str(artifact), str(folder), "--output", str(out), "--sort-into", str(dest)]) == 0
+    rows = out.read_bytes().splitlines()
+    assert sorted(row.split(b",")[0] for row in rows[1:]) == [os.fsencode(folder / "plain.png"),
+                                                             os.fsencode(folder) + b"/" + raw]
+    sorted_files = sorted(p.name for p in os.scandir(os.fsencode(dest)) for p in os.scandir(p.path))
+    assert sorted_files == sorted([raw, b"plain.png"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

@@ -38,13 +38,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from imgcls.training.checkpoint import artifact_path, load_artifact
+from imgcls.inference.artifact import artifact_path, load_artifact, read_artifact_config
 from imgcls.data.loaders import build_splits
 from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
-from imgcls.inference.predict import (META_KEY, Predictor, deploy_metadata, expand_inputs, load_onnx, prepare,
-                                      torch_predictor)
-from imgcls.recipe import Recipe, RecipeError, load_recipe
-from imgcls.data.sources import DataError
+from imgcls.inference.predict import (META_KEY, Predictor, check_outputs, deploy_metadata, expand_inputs, load_onnx,
+                                      prepare, torch_predictor)
+from imgcls.recipe import Recipe, load_recipe
+from imgcls.errors import RecipeError
+from imgcls.errors import ClassNameError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +315,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         folder = artifact_path(args.artifact)
+        check_outputs(read_artifact_config(folder), folder)
         recipe = load_recipe(folder / "recipe.toml")
         images, where = parity_images(recipe, args.data, args.parity_images or recipe.export.parity_images)
-    except (FileNotFoundError, RecipeError) as e:
+    except (FileNotFoundError, RecipeError, ModelError, ClassNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DataError as e:

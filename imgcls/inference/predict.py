@@ -22,12 +22,12 @@ does, so the trainer, the artifact and the ONNX file all see the same pixels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +37,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imgcls.training.calibration import softmax
-from imgcls.data.classnames import ClassNameError, check_class_names, folder_names, name_problem
+from imgcls.inference.calibration import softmax
+from imgcls.data.classnames import check_class_names, name_problem
 from imgcls.data.framing import center_box, cover_size
+from imgcls.atomic import atomic_path
 from imgcls.data.images import BAD_IMAGE_ERRORS, open_image, to_channels
+from imgcls.errors import ModelError, SortError
+from imgcls.inference.sortinto import sort_into
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,6 @@ DEPLOY_FORMAT = "imgcls-deploy/1"
 UNCERTAIN = "uncertain"
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC}
-
-
-class ModelError(ValueError):
-    """MODEL is neither an artifact nor an ONNX file exported by imgcls-export."""
 
 
 # ---------------------------------------------------------------- preprocessing (torch-free)
@@ -142,7 +141,11 @@ def load_onnx(path: str | Path) -> Predictor:
                          f"export it with imgcls-export")
     name = session.get_inputs()[0].name
     metadata = json.loads(meta[META_KEY])
-    check_class_names(metadata.get("class_names"), f"{path} (metadata {META_KEY!r})")
+    names = check_class_names(metadata.get("class_names"), f"{path} (metadata {META_KEY!r})")
+    outputs = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(names):
+        raise ModelError(f"{path}: the model has {outputs} outputs but its metadata {META_KEY!r} lists {len(names)} "
+                         f"class names; an exported model needs one class name per output")
     return from_metadata(lambda x: session.run(None, {name: x})[0], metadata, str(path))
 
 
@@ -156,11 +159,23 @@ def torch_predictor(module, meta: dict, source: str) -> Predictor:
     return from_metadata(run, meta, source)
 
 
-def load_torch(path: str | Path) -> Predictor:
-    from imgcls.training.checkpoint import artifact_path, load_artifact
+def check_outputs(config: dict, folder: str | Path) -> dict:
+    """An artifact's config.json, refused unless it names one class per model output (`model.num_classes`, which
+    the model is built with and its weights must fit)."""
+    outputs, names = int(config["model"]["num_classes"]), config["class_names"]
+    if outputs != len(names):
+        raise ModelError(f"{folder}: the model has {outputs} outputs but config.json lists {len(names)} class "
+                         f"names; an artifact needs one class name per output")
+    return config
 
-    model, config = load_artifact(path)
-    return torch_predictor(model, deploy_metadata(config), str(artifact_path(path)))
+
+def load_torch(path: str | Path) -> Predictor:
+    from imgcls.inference.artifact import artifact_path, load_artifact, read_artifact_config
+
+    folder = artifact_path(path)
+    check_outputs(read_artifact_config(folder), folder)  # before the weights are read
+    model, config = load_artifact(folder)
+    return torch_predictor(model, deploy_metadata(config), str(folder))
 
 
 def load_predictor(model: str | Path) -> Predictor:
@@ -261,48 +276,17 @@ def jsonl_writer(stream, top_k: int) -> Callable[[dict], None]:
     return write
 
 
-class SortError(ValueError):
-    """A --sort-into target that would land outside DIR."""
-
-
-def claim_free_name(folder: Path, name: str) -> Path:
-    """folder/name, else folder/<stem>_1<suffix>, _2, ...: the first name not taken, claimed by creating it
-    exclusively, so neither an earlier run's file nor one copied by a concurrent run is ever overwritten."""
-    stem, suffix = Path(name).stem, Path(name).suffix
-    n = 0
-    while True:
-        target = folder / (name if n == 0 else f"{stem}_{n}{suffix}")
-        try:
-            with open(target, "xb"):
-                return target
-        except FileExistsError:
-            n += 1
-
-
-def sort_into(rows: list[dict], dest: Path) -> int:
-    """Copy each predicted image to dest/<answer's folder>/ (the uncertain answer included), never overwriting.
-    An answer becomes one safe folder name (`classnames.folder_name`: `T - shirt / top` -> `T - shirt _ top`),
-    and every target is checked to resolve inside dest before anything is copied (this also catches links
-    planted inside dest)."""
-    root = Path(dest).resolve()
-    try:
-        folders = folder_names(sorted({row["prediction"] for row in rows}))
-    except ClassNameError as e:
-        raise SortError(f"--sort-into {dest}: {e}; nothing was copied") from None
-    for row in rows:
-        target = Path(dest) / folders[row["prediction"]] / Path(row["path"]).name
-        if not target.resolve().is_relative_to(root):
-            raise SortError(f"--sort-into {dest}: {target} would be outside {dest}; nothing was copied")
-    for row in rows:
-        folder = Path(dest) / folders[row["prediction"]]
-        folder.mkdir(parents=True, exist_ok=True)
-        target = claim_free_name(folder, Path(row["path"]).name)
-        try:
-            shutil.copy2(row["path"], target)
-        except BaseException:
-            target.unlink()  # no empty placeholder left behind
-            raise
-    return len(rows)
+@contextlib.contextmanager
+def output_stream(output: str | None) -> Iterator:
+    """Where rows go: stdout, or --output written whole or not at all (a temp file beside it, renamed at the end).
+    File names are written as their bytes (surrogateescape): a name that is not UTF-8 is kept as it is on disk."""
+    if not output:
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="surrogateescape")
+        yield sys.stdout
+        return
+    with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        yield f
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -355,12 +339,9 @@ def main(argv=None) -> int:
         print(f"error: no input files in {args.inputs}", file=sys.stderr)
         return 2
     top_k = min(args.top_k, len(model.class_names))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    stream = open(args.output, "w", newline="") if args.output else sys.stdout
-    write = (jsonl_writer if args.format == "jsonl" else csv_writer)(stream, top_k)
-    done, failed = [], 0
-    try:
+    with output_stream(args.output) as stream:
+        write = (jsonl_writer if args.format == "jsonl" else csv_writer)(stream, top_k)
+        done, failed = [], 0
         for row in predict(model, paths, args.batch_size, top_k, args.reject_below, args.tta, args.tta_crop,
                            args.uncertain_label):
             write(row)
@@ -368,9 +349,6 @@ def main(argv=None) -> int:
                 failed += 1
             else:
                 done.append(row)
-    finally:
-        if args.output:
-            stream.close()
     if args.sort_into:
         try:
             log.info("copied %d images into %s", sort_into(done, args.sort_into), args.sort_into)
