@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -28,8 +29,8 @@ from imgcls.errors import RecipeError
 
 class Section(BaseModel):
     # strict: TOML values have real types, so nothing is coerced (`seed = true` is not 1, "3" is not 3);
-    # an integer is still accepted where a float is expected
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # an integer is still accepted where a float is expected. TOML's nan and inf are no setting of any key.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _array_to_tuple(value: Any) -> Any:
@@ -44,8 +45,16 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-IntPair = Annotated[tuple[int, int], BeforeValidator(_array_to_tuple)]
-FloatPair = Annotated[tuple[float, float], BeforeValidator(_array_to_tuple)]
+MAX_SIDE = 8192  # pixels per image side: one 8192x8192 RGB float32 image is already 0.8 GB
+MAX_WORKERS = 256
+MAX_DEPTH = 32  # nesting of tables and arrays (the shipped recipes nest 4 deep at most)
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeds; torch takes them too
+SizePair = Annotated[tuple[Side, Side], BeforeValidator(_array_to_tuple)]
+FractionPair = Annotated[tuple[Fraction, Fraction], BeforeValidator(_array_to_tuple)]
+BetaPair = Annotated[tuple[Beta, Beta], BeforeValidator(_array_to_tuple)]
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -71,7 +80,7 @@ class AugmentConfig(Section):
     """`[data.augment]`: train-time augmentation (evaluation never augments)."""
 
     random_resized_crop: bool = False
-    scale: FloatPair = (0.08, 1.0)
+    scale: FractionPair = (0.08, 1.0)  # [smallest, largest] fraction of the image area a random crop keeps
     crop_padding: int = Field(0, ge=0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     rotation: float = Field(0.0, ge=0.0, le=180.0)
@@ -83,6 +92,12 @@ class AugmentConfig(Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)  # probability; on the normalized image, value 0
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _scale_in_order(self) -> "AugmentConfig":
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale is [smallest, largest] fraction of the image area, found {list(self.scale)}")
+        return self
 
 
 HUB_KEYS = {"dataset", "config", "revision"}
@@ -124,13 +139,13 @@ class DataConfig(Section):
     val_size: int = Field(0, ge=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     val_pick: Literal["first", "random"] = "random"
-    split_seed: int = 0
+    split_seed: Seed = 0
     on_bad_image: Literal["error", "skip"] = "error"
     # an image of more pixels is a bad image (through on_bad_image), refused from its header before decoding: a
     # decompression bomb under Pillow's own limit costs ~1 GB per decoder. 64 Mpx = 67,108,864 (9,500 x 7,000)
     max_image_pixels: int = Field(64 * 2**20, ge=1)
     # preprocessing, stored with the model
-    image_size: IntPair = (224, 224)
+    image_size: SizePair = (224, 224)
     channels: Annotated[Literal[1, 3], BeforeValidator(_not_a_boolean)] = 3
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
@@ -138,7 +153,7 @@ class DataConfig(Section):
     crop_pct: float = Field(1.0, gt=0.0, le=1.0)
     augment: AugmentConfig = AugmentConfig()
     # loading
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)
     shuffle: bool = True
     # "balanced": each epoch draws len(train) images with replacement, each class about equally often (imbalance.py)
     sampler: Literal["shuffle", "balanced"] = "shuffle"
@@ -147,14 +162,7 @@ class DataConfig(Section):
     cache_dir: str = ""  # data.cache = "disk": "" -> $IMGCLS_CACHE, else ~/.cache/imgcls
     # [height, width] of the stored train images, which augmentation crops from; [] = image_size (divided by
     # crop_pct when < 1). A random-resized-crop recipe may store larger images to zoom into.
-    working_size: list[Annotated[int, Field(ge=1)]] = []
-
-    @field_validator("image_size")
-    @classmethod
-    def _positive_size(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 1:
-            raise ValueError("both sides must be >= 1")
-        return v
+    working_size: list[Side] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
@@ -163,6 +171,9 @@ class DataConfig(Section):
             problems.append(f"mean and std need {self.channels} values (one per channel)")
         if any(s <= 0 for s in self.std):
             problems.append("std values must be > 0")
+        twice = [n for i, n in enumerate(self.class_names) if n in self.class_names[:i]]
+        if twice:
+            problems.append(f"class_names lists {twice[0]!r} more than once; each class needs its own name")
         if len(self.working_size) not in (0, 2):
             problems.append("working_size is [height, width], or [] for image_size")
         foreign = FOREIGN_KEYS[self.source] & self.model_fields_set
@@ -229,7 +240,7 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    betas: FloatPair = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0.0)
     decay_norm_and_bias: bool = False
     grad_clip_norm: float = Field(0.0, ge=0.0)
@@ -326,7 +337,7 @@ class ExportConfig(Section):
 
 class Recipe(Section):
     name: str
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -342,6 +353,8 @@ class Recipe(Section):
     def _name_is_a_folder_name(cls, v: str) -> str:
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain folder name (it names runs/<name>/)")
+        if "\\" in v or any(unicodedata.category(c) == "Cc" for c in v):
+            raise ValueError("must be a plain folder name (it names runs/<name>/): no control characters, no / or \\")
         return v
 
     @model_validator(mode="after")
@@ -382,6 +395,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:  # tomllib parses nesting by recursion
+        raise RecipeError(f"override {key.strip() + '=...'!r}: arrays or tables nested too deeply") from None
     return [part.strip() for part in key.split(".")], value
 
 
@@ -439,7 +454,23 @@ def _toml_value(value: Any) -> str:
         return repr(value)
 
 
+def _too_deep(tree: dict) -> str | None:
+    """The section.key under which tables and arrays nest deeper than MAX_DEPTH (a walk without recursion)."""
+    stack: list[tuple[tuple, Any, int]] = [((), tree, 1)]
+    while stack:
+        path, node, level = stack.pop()
+        if level > MAX_DEPTH:
+            return ".".join(str(p) for p in path[:2])
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack += [((*path, k), v, level + 1) for k, v in children if isinstance(v, (dict, list))]
+    return None
+
+
 def validate_tree(tree: dict, source: str) -> Recipe:
+    deep = _too_deep(tree)
+    if deep:
+        raise RecipeError(f"{source}: 1 problem in the recipe:\n  - {deep}: tables and arrays nested more than "
+                          f"{MAX_DEPTH} levels deep; no recipe key needs that")
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:
@@ -456,6 +487,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nesting by recursion
+        raise RecipeError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     return validate_tree(apply_overrides(tree, list(overrides)), str(path))
 
 

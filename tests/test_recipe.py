@@ -165,6 +165,8 @@ def test_invalid_toml(tmp_path):
     ('dataset = "a"\nchannels = 1', "data: mean and std need 1 values (one per channel)"),
     ('dataset = "a"\nmean = [0.5]\nstd = [0.5]', "data: mean and std need 3 values (one per channel)"),
     ('dataset = "a"\nstd = [0.2, 0.0, 0.2]', "data: std values must be > 0"),
+    ('source = "listfile"\nroot = "r"\ntrain_list = "t"\nclass_names = ["cat", "dog", "cat"]',
+     "data: class_names lists 'cat' more than once; each class needs its own name"),
 ])
 def test_data_source_consistency(tmp_path, data, expected):
     assert one_problem(minimal(tmp_path, data=data)) == expected
@@ -312,3 +314,58 @@ def test_recipe_diff_names_exactly_the_changed_keys(tiny):
     }
     assert recipe_diff(a, a) == {}
     assert recipe_diff(b, a) == {k: (new, old) for k, (old, new) in recipe_diff(a, b).items()}
+
+
+# ---------------------------------------------------------------- values that crash later or train nonsense (#20.20)
+BOUNDED = [
+    ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+    ("seed=1099511627776", "seed: Input should be less than or equal to 4294967295 (got 1099511627776)"),
+    ("data.split_seed=-3", "data.split_seed: Input should be greater than or equal to 0 (got -3)"),
+    ("data.std=[nan, 0.2, 0.2]", "data.std.0: Input should be a finite number (got nan)"),
+    ("data.mean=[inf, 0.5, 0.5]", "data.mean.0: Input should be a finite number (got inf)"),
+    ("optim.betas=[2.0, -1.0]", "optim.betas.0: Input should be less than 1 (got 2.0)\n"
+                                "optim.betas.1: Input should be greater than or equal to 0 (got -1.0)"),
+    ("data.augment.scale=[nan, nan]", "data.augment.scale.0: Input should be a finite number (got nan)\n"
+                                      "data.augment.scale.1: Input should be a finite number (got nan)"),
+    ("data.augment.scale=[5, -1]", "data.augment.scale.0: Input should be less than or equal to 1 (got 5)\n"
+                                   "data.augment.scale.1: Input should be greater than 0 (got -1)"),
+    ("data.augment.scale=[0.9, 0.1]",
+     "data.augment: scale is [smallest, largest] fraction of the image area, found [0.9, 0.1]"),
+    ("data.workers=1000000", "data.workers: Input should be less than or equal to 256 (got 1000000)"),
+    ("data.image_size=[100000, 16]", "data.image_size.0: Input should be less than or equal to 8192 (got 100000)"),
+    ("data.working_size=[16, 9000]", "data.working_size.1: Input should be less than or equal to 8192 (got 9000)"),
+    ("train.max_time=inf", "train.max_time: Input should be a finite number (got inf)"),
+]
+
+
+@pytest.mark.parametrize("override,expected", BOUNDED)
+def test_values_that_would_crash_later_are_bounded(tmp_path, override, expected):
+    path = minimal(tmp_path)
+    head, found = problems(path, [override])
+    assert found == expected.split("\n")
+    assert head == f"{path}: {len(found)} problem{'s' if len(found) > 1 else ''} in the recipe:"
+
+
+def test_a_name_with_a_control_character_is_refused(tmp_path):
+    path = write(tmp_path, 'name = "a\\u0000b"\n[data]\ndataset = "someone/tiny"\n')
+    assert one_problem(path) == ("name: must be a plain folder name (it names runs/<name>/): no control characters, "
+                                 "no / or \\ (got 'a\\x00b')")
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_table_nested_too_deeply_is_one_clear_error(tmp_path, where):
+    deep = "{ a = " * 1000 + "1" + " }" * 1000
+    if where == "file":
+        path = minimal(tmp_path, f"[model]\nargs = {deep}")
+        with pytest.raises(RecipeError) as e:
+            load_recipe(path)
+        assert str(e.value) == f"{path}: not valid TOML: arrays or tables nested too deeply"
+    else:
+        with pytest.raises(RecipeError) as e:
+            load_recipe(minimal(tmp_path), [f"model.args={deep}"])
+        assert str(e.value) == f"override 'model.args=...': arrays or tables nested too deeply"
+
+
+def test_a_table_nested_deeper_than_a_recipe_needs_is_refused(tmp_path):
+    path = minimal(tmp_path, "[model]\nargs = " + "{ a = " * 40 + "1" + " }" * 40)
+    assert one_problem(path) == "model.args: tables and arrays nested more than 32 levels deep; no recipe key needs that"
