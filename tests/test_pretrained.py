@@ -419,3 +419,23 @@ def test_the_plan_runs_the_resolved_recipe(hf_cache, timm_resnet18, tmp_path, ca
     assert load_recipe(saved) == plan.recipe
     assert pretrained_preprocess(load_recipe(saved))[0] == {}  # a resumed run resolves to the same values
     _assert_loaded(plan.model, timm_resnet18, 3, num_classes=2)
+
+
+# ---------------------------------------------------------------- a hub cache someone else wrote to (#20.23)
+@pytest.mark.parametrize("how", ["hf-hub weights", "timm pretrained"])
+def test_a_poisoned_hub_cache_ref_is_a_weights_error(hf_cache, timm_resnet18, how):
+    repo = "someone/resnet18-pets" if how == "hf-hub weights" else "timm/resnet18.a1_in1k"
+    folder = seed_hub_repo(hf_cache, repo, timm_resnet18).parents[2]
+    (folder / "refs" / "main").write_text("../../../../outside")  # a ref is a commit hash; this one climbs out
+    with pytest.raises(WeightsError) as e:
+        if how == "hf-hub weights":
+            model = build_model(ModelConfig(name="resnet18"), NUM_CLASSES, 3, (32, 32))
+            load_weights(model, f"hf-hub:{repo}", "finetune", in_channels=3)
+        else:
+            build_model(_finetune("timm:resnet18.a1_in1k", pretrained=True), NUM_CLASSES, 3, (32, 32))
+    what = "model.safetensors of hf-hub:someone/resnet18-pets" if how == "hf-hub weights" else \
+        "timm's resnet18.a1_in1k weights"
+    key = "model.weights" if how == "hf-hub weights" else "model.pretrained"
+    assert str(e.value) == (f"{key}: cannot load {what}: the Hugging Face cache folder {folder} is damaged or was "
+                            f"changed by hand (refs/main holds '../../../../outside', not a commit hash). Delete "
+                            f"{folder} and download the weights again where the hub is reachable.")

@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +50,7 @@ _log = get_logger(__name__)
 
 HUB_PREFIX = "hf-hub:"
 HUB_FILE = "model.safetensors"
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a commit hash, as huggingface_hub writes it into refs/<revision>
 PREPROCESS_METADATA = "imgcls.preprocess"  # safetensors metadata: JSON of PREPROCESS_KEYS and "source"
 PREPROCESS_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct")
 # torchvision's builder sets transform_input for these weights: inputs normalised with ImageNet's mean/std are
@@ -143,6 +145,7 @@ def fetching(src: Source) -> Iterator[None]:
     """Around code that may download `src`: offline and not cached (urllib's URLError from torch, the hub's
     LocalEntryNotFoundError / OfflineModeIsEnabled) becomes one WeightsError that says what to do."""
     with _local_main_first():
+        _check_cached_ref(src)
         try:
             yield
         except (URLError, ConnectionError, TimeoutError, LocalEntryNotFoundError) as e:
@@ -154,6 +157,20 @@ def fetching(src: Source) -> Iterator[None]:
                 raise
             raise WeightsError(f"{src.key}: the download of {src.what} from {src.url} is damaged ({e}); "
                                "try again") from None
+
+
+def _check_cached_ref(src: Source) -> None:
+    """A ref in the Hugging Face cache (refs/main) holds the commit it points to, 40 hex digits as
+    huggingface_hub writes it; huggingface_hub reads anything else into a path (a raw ValueError for `../..`)."""
+    revision = src.revision or "main"
+    ref = src.cache / "refs" / revision
+    if not src.repo or COMMIT.fullmatch(revision) or not ref.is_file():
+        return
+    text = ref.read_text(errors="replace")
+    if not COMMIT.fullmatch(text):
+        raise WeightsError(f"{src.key}: cannot load {src.what}: the Hugging Face cache folder {src.cache} is damaged "
+                           f"or was changed by hand (refs/{revision} holds {text[:60]!r}, not a commit hash). Delete "
+                           f"{src.cache} and download the weights again where the hub is reachable.")
 
 
 def _check_cached_hash(src: Source) -> None:
