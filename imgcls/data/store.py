@@ -18,8 +18,10 @@ Caches: "none" decodes the files of each batch (`DecodingImages`: the same pixel
 a tensor in shared memory (DataLoader workers, forked or started by spawn/forkserver, map it instead of
 copying it; each training process fills its own); "disk" keeps the store under <cache_root>/<key>/ (see
 `fingerprint.py` for the key) as a file that every process maps (the page cache holds one copy per node).
-A disk store is written to <key>.tmp-<pid>-<token>/ with COMPLETE last, then renamed, under a file lock
-(<key>.lock): a stopped fill is never used, and the next filler removes it. With several processes on a node,
+A disk store is written to <key>.tmp-<random>/ (tempfile.mkdtemp) with COMPLETE last, then renamed, under a file
+lock (<key>.lock): a stopped fill is never used, and the next filler removes it. A store is mapped only when its
+folder and files are this user's own regular files (not links) that match their manifest: a folder someone else
+planted in a shared cache_dir is refused, a planted link refilled. With several processes on a node,
 local rank 0 fills; the others wait for COMPLETE for as long as a filler holds the lock.
 Fills decode in forked processes (`pool.map_chunks`), chunk by chunk, straight into the shared or mapped
 store: memory stays flat.
@@ -31,6 +33,8 @@ import logging
 import math
 import os
 import shutil
+import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from tqdm.auto import tqdm
 
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
 from imgcls.data.images import BAD_IMAGE_ERRORS
-from imgcls.data.pool import map_chunks
+from imgcls.data.pool import local_processes, map_chunks
 from imgcls.data.split import Split
 from imgcls.errors import DataError
 from imgcls.data.storelock import START_WAIT_S, fill_lock, wait_for_filler
@@ -223,12 +227,14 @@ def fill(pixels: torch.Tensor, framer: Framer, desc: str, show: bool = True, wor
 
 
 def _shared_tensor(shape: tuple[int, ...], split: Split) -> torch.Tensor:
-    nbytes, shm = math.prod(shape), Path("/dev/shm")
+    nbytes, shm, copies = math.prod(shape), Path("/dev/shm"), local_processes()
     if shm.is_dir():  # where torch puts shared tensors on Linux; containers often give it 64 MB
-        st = os.statvfs(shm)
-        if nbytes > st.f_bavail * st.f_frsize:
+        st = os.statvfs(shm)  # each process of the node fills its own copy
+        if nbytes * copies > st.f_bavail * st.f_frsize:
+            each = f" in each of the {copies} processes on this node ({nbytes * copies / 2**20:.0f} MiB in all)" \
+                if copies > 1 else ""
             raise DataError(f'data.cache = "memory": the {split.name} images need {nbytes / 2**20:.0f} MiB of '
-                            f'shared memory, {shm} has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; use '
+                            f'shared memory{each}, {shm} has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; use '
                             f'data.cache = "disk", or give the container more (docker run --shm-size=...)')
     # an untouched torch.empty reads as the zero page: moving it to shared memory costs no second copy
     return torch.empty(shape, dtype=torch.uint8).share_memory_()
@@ -268,11 +274,10 @@ def _check_space(root: Path, nbytes: int) -> None:
 
 
 def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: bool, workers: int | None) -> None:
-    """Fill <key>.tmp-<pid>-<token>/, write COMPLETE last, rename it to <key>/."""
+    """Fill <key>.tmp-<random>/, write COMPLETE last, rename it to <key>/."""
     shape = (len(split), *framer.shape)
     _check_space(folder.parent, math.prod(shape))
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     try:
         if len(split):
             mapped = np.memmap(tmp / PIXELS, dtype=np.uint8, mode="w+", shape=shape)
@@ -295,14 +300,32 @@ def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: b
         raise
 
 
+def _not_ours(folder: Path) -> str:
+    """Why a store's files are not this user's own regular files ("" when they are)."""
+    for name in (PIXELS, LABELS, MANIFEST, COMPLETE):
+        st = os.lstat(folder / name)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return f"{name} is not a regular file of this user"
+    return ""
+
+
 def _open_complete(folder: Path, repair: bool) -> ImageStore | None:
-    """The store in `folder` if it is complete and sound; else None (with `repair`: removed, and said so)."""
-    if not folder.exists():
+    """The store in `folder` if it is complete and sound; else None (with `repair`: removed, and said so).
+    DataError for a folder that is not this user's: it is neither used nor removed."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
         return None
+    if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"image cache {folder}: owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); a "
+                        f"cache is used only when it is the user's own. Remove it, or set data.cache_dir to a "
+                        f"folder of your own")
     problem = "" if (folder / COMPLETE).exists() else "no COMPLETE marker: its fill was stopped"
     if not problem:
         try:
-            return ImageStore.open(folder)
+            problem = _not_ours(folder)
+            if not problem:
+                return ImageStore.open(folder)
         except (DataError, OSError, ValueError, KeyError) as e:
             problem = str(e)
     if repair:
