@@ -153,3 +153,21 @@ def test_the_shard_order_and_the_row_orders_are_drawn_from_distinct_streams():
         rows_of_0 = [int(i) for i in seq if owner[i] == 0]
         same += shard_order == rows_of_0
     assert same == 0
+
+
+@pytest.mark.parametrize("saved_world,world,done", [(2, 1, 3), (1, 2, 2), (4, 2, 1), (2, 4, 3)])
+def test_a_resume_on_another_process_count_reads_the_rest_of_the_epoch_once(saved_world, world, done):
+    """Saved by `saved_world` processes after `done` micro-batches of epoch 1, continued on `world`: what the
+    new processes read after skipping their first `done` micro-batches is exactly what the old ones had not."""
+    counts, global_micro = [6] * 8, 8  # N = 48; 8 items a micro-batch over all processes; M = 5
+    old = ShardOrderSampler(counts, saved_world, global_micro // saved_world, 5, seed=3)
+    seen = old.lanes(1)[:, :done * old.per_device_batch].reshape(-1).tolist()
+    new = ShardOrderSampler(counts, world, global_micro // world, 5, seed=3)
+    new.resume_from(1, saved_world, done)
+    lanes = accelerate_lanes(new, world, 1)
+    assert lanes == new.lanes(1).tolist()
+    rest = [i for lane in lanes for i in lane[done * new.per_device_batch:]]
+    assert sorted(seen + rest) == sorted(old.lanes(1).reshape(-1).tolist())  # every item of the epoch once
+    assert new.lanes(2).tolist() == ShardOrderSampler(counts, world, global_micro // world, 5, seed=3).lanes(2).tolist()
+    owner = shard_of(counts)  # each process still reads runs of shards, not all of them
+    assert all(len(set(owner[lane[done * new.per_device_batch:]].tolist())) <= 8 // world + 2 for lane in lanes)

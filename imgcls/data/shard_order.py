@@ -60,6 +60,7 @@ class ShardOrderSampler(Sampler[int]):
         self.world_size, self.per_device_batch = world_size, per_device_batch
         self.micro_batches = micro_batches_per_epoch
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.resumed: tuple[int, int, int] | None = None  # (epoch, saved world size, micro-batches done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,10 +83,30 @@ class ShardOrderSampler(Sampler[int]):
         runs = [self.starts[k] + self._rng(ROW_ORDER, epoch, k).permutation(self.counts[k]) for k in shards]
         return np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
 
+    def resume_from(self, epoch: int, saved_world_size: int, micro_batches_done: int) -> None:
+        """The run goes on from a checkpoint that `saved_world_size` processes wrote after `micro_batches_done`
+        micro-batches of `epoch` (the global batch, so M, is the same). With another process count, that epoch's
+        lanes are laid out anew: what the saved lanes had read comes first (the trainer skips those micro-batches
+        without reading them), then the rest of each saved lane, in order, cut into this run's lanes. So the epoch
+        still reads every item once, as the folder path does; later epochs are as ever."""
+        if saved_world_size != self.world_size and micro_batches_done:
+            if (self.world_size * self.per_device_batch) % saved_world_size:
+                raise ValueError(f"a micro-batch of {self.world_size * self.per_device_batch} items does not divide "
+                                 f"over the {saved_world_size} processes that saved the run")
+            self.resumed = (epoch, saved_world_size, micro_batches_done)
+
     def lanes(self, epoch: int | None = None) -> np.ndarray:
         """int64 [W, M*b]: lane r is what process r reads this epoch, in order."""
-        lane = self.micro_batches * self.per_device_batch
-        return self.sequence(epoch)[:self.world_size * lane].reshape(self.world_size, lane)
+        epoch = self.epoch if epoch is None else epoch
+        w, m, b = self.world_size, self.micro_batches, self.per_device_batch
+        sequence = self.sequence(epoch)[:w * m * b]
+        if self.resumed is None or self.resumed[0] != epoch:
+            return sequence.reshape(w, m * b)
+        _, saved_w, done = self.resumed
+        saved = sequence.reshape(saved_w, m * (w * b // saved_w))
+        cut = done * (w * b // saved_w)
+        read, rest = saved[:, :cut].reshape(w, done * b), saved[:, cut:].reshape(w, (m - done) * b)
+        return np.concatenate([read, rest], axis=1)
 
     def __iter__(self) -> Iterator[int]:
         w, m, b = self.world_size, self.micro_batches, self.per_device_batch
