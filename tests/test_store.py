@@ -539,15 +539,33 @@ def test_folder_index_of_a_folder_that_just_changed_is_not_cached(class_tree, tm
     assert len(calls) == 2 and not (tmp_path / "cache" / "folder-index").exists()
 
 
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_train_frame_only(tmp_path):
-    """libjpeg's draft mode: a 256 px JPEG stored at a 32 px working size decodes at 1/8 scale (8x fewer pixels
-    to decode and resize); the eval frame decodes fully, as imgcls-predict does."""
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_without_augmentation_train_pixels_of_a_large_jpeg_are_its_eval_pixels(tmp_path, crop_pct):
+    """#19.8: a JPEG at least twice the working size was decoded in draft mode for the train frame only, so train
+    pixels differed from eval's (and predict's) with augmentation off. At the eval frame's size, no draft."""
+    import numpy as np
+    from imgcls.data.sources import FileImages
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 200, 3), dtype=np.uint8)).save(path)
+    p = Preprocess((32, 32), 3, (0.5,) * 3, (0.5,) * 3, "bilinear", crop_pct)
+    split = Split("train", [0], FileImages([str(path)]))
+    train = fill_memory(split, p, "train")
+    evaluation = fill_memory(split, p, "eval")
+    framed = BatchAugment.from_preprocess(AugmentConfig(hflip=0.0), p)(train.pixels, torch.arange(1), epoch=0, seed=0)
+    assert torch.equal(framed, normalize(evaluation.pixels, p.mean, p.std))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_a_larger_working_size_only(tmp_path):
+    """libjpeg's draft mode: a 256 px JPEG stored at a 48 px working size (a random-resized-crop recipe's, not the
+    eval frame) decodes at 1/4 scale (16x fewer pixels to decode and resize); the eval frame, and a train frame of
+    the eval frame's size, decode fully, as imgcls-predict does."""
     import numpy as np
     from imgcls.data.sources import FileImages
 
     path = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(path)
-    assert open_image(str(path), draft=(32, 32)).size == (32, 32)
+    assert open_image(str(path), draft=(48, 48)).size == (64, 64)
     assert open_image(str(path)).size == (256, 256)
     split = Split("train", [0], FileImages([str(path)]))
     p = Preprocess((32, 32), 3, (0.5,) * 3, (0.5,) * 3, "bilinear")
@@ -555,13 +573,14 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_for_the_train_frame_only(tmp
     original = FileImages.open
     FileImages.open = lambda self, i, draft=None: seen.append(draft) or original(self, i, draft)
     try:
-        train = fill_memory(split, p, "train").pixels[0]
-        evaluation = fill_memory(split, p, "eval").pixels[0]
+        large = fill_memory(split, p, "train", (48, 48)).pixels[0]
+        fill_memory(split, p, "train")
+        fill_memory(split, p, "eval")
     finally:
         FileImages.open = original
-    assert seen == [(32, 32), None]
-    expected = v2.functional.pil_to_tensor(open_image(str(path), draft=(32, 32)))  # already 32 px: no resize
-    assert torch.equal(train, expected) and not torch.equal(train, evaluation)
+    assert seen == [(48, 48), None, None]
+    expected = v2.functional.pil_to_tensor(open_image(str(path), draft=(48, 48)).resize((48, 48), Image.BILINEAR))
+    assert torch.equal(large, expected)
 
 
 # ---------------------------------------------------------------- fills across processes

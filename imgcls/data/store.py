@@ -11,8 +11,9 @@ Frames: what a stored image holds.
   (`augment.normalize`) is today's eval input, bit for bit.
 - "train": converted, resized on the PIL image with the aspect ratio kept to cover a working size and
   centre-cut to it: image_size, or floor(image_size / crop_pct) when crop_pct < 1, so that `BatchAugment`
-  (whose no-crop path centre-crops image_size from it) frames it as eval does. The size is a parameter: a
-  random-resized-crop recipe wants a larger working size to zoom into.
+  (whose no-crop path centre-crops image_size from it) frames it as eval does, decoded as eval decodes it. The
+  size is a parameter: a random-resized-crop recipe wants a larger working size to zoom into, and a JPEG of at
+  least twice that size is then decoded at a reduced scale (libjpeg's draft mode), which eval never is.
 
 Caches: "none" decodes the files of each batch (`DecodingImages`: the same pixels, no store); "memory" fills
 a tensor in shared memory (DataLoader workers, forked or started by spawn/forkserver, map it instead of
@@ -103,8 +104,11 @@ class Framer:
         # so such images skip the ~80 us of the v2 calls: MNIST's 70,000 28x28 images
         nothing_to_cut = frame == "train" or pre.crop_pct >= 1.0
         self.unchanged_at = (self.shape[2], self.shape[1]) if nothing_to_cut else None
-        # train images are resized to the working size: a large JPEG may be decoded at 1/2-1/8 scale first
-        self.draft = (self.shape[2], self.shape[1]) if frame == "train" else None
+        # a train frame larger (or smaller) than the eval frame is resized anyway: a large JPEG may be decoded at
+        # 1/2-1/8 scale first. At the eval frame's size it is decoded fully, as eval and predict decode it, so that
+        # with augmentation off train pixels are eval pixels
+        other_size = frame == "train" and tuple(self.shape[1:]) != tuple(pre.frame_size())
+        self.draft = (self.shape[2], self.shape[1]) if other_size else None
 
     def __call__(self, k: int) -> torch.Tensor:
         i = self.split.indices[k]
