@@ -22,18 +22,21 @@ SAMPLE, EPOCH = 5, 1
 AUGMENT = AugmentConfig(crop_padding=2, hflip=0.5, rotation=10.0, color_jitter=0.3)
 
 
+WORKING = [24, 24]  # stored train size: the 64 px images are resized, and the JPEGs (>= 2x) decoded in draft mode
+
+
 @pytest.fixture
 def rgb_folder(tmp_path):
     root = tmp_path / "imgs"
     for split, n in (("train", 40), ("val", 10)):
-        write_class_folders(root / split, ["a", "b", "c", "d"], n, size=20, seed=len(split), mode="RGB",
+        write_class_folders(root / split, ["a", "b", "c", "d"], n, size=64, seed=len(split), mode="RGB",
                             exts=(".png", ".jpg"))
     return root
 
 
 def _config(root, tmp_path, cache: str, workers: int = 0) -> DataConfig:
     return DataConfig(source="folder", root=str(root), image_size=(16, 16), channels=3, cache=cache,
-                      cache_dir=str(tmp_path / "cache"), workers=workers, augment=AUGMENT)
+                      cache_dir=str(tmp_path / "cache"), workers=workers, augment=AUGMENT, working_size=WORKING)
 
 
 def _sample_pixels(cfg: DataConfig, batch: int) -> dict[int, torch.Tensor]:
@@ -50,15 +53,17 @@ def _sample_pixels(cfg: DataConfig, batch: int) -> dict[int, torch.Tensor]:
 
 
 def test_a_samples_pixels_do_not_depend_on_batch_size_workers_or_cache(rgb_folder, tmp_path):
-    reference = _sample_pixels(_config(rgb_folder, tmp_path, "none"), 1)
+    cfg = _config(rgb_folder, tmp_path, "none")
+    framer = make_datasets(build_splits(cfg), cfg, seed=0)["train"].pixels.framer
+    assert framer.draft == (24, 24) and framer.shape == (3, 24, 24)  # the draft and resize paths run
+    reference = _sample_pixels(cfg, 1)
     assert len(reference) == 160
     for cache in ("none", "memory", "disk"):
         for workers in (0, 2):
-            for batch in (1, 7, 128):
+            for batch in (1, 8, 160):  # each divides 160: with drop_last, every sample is still checked
                 got = _sample_pixels(_config(rgb_folder, tmp_path, cache, workers), batch)
-                common = sorted(set(got) & set(reference))  # drop_last leaves some samples out of big batches
-                assert len(common) >= 128
-                different = [k for k in common if not torch.equal(got[k], reference[k])]
+                assert sorted(got) == list(range(160)), (cache, workers, batch)
+                different = [k for k in got if not torch.equal(got[k], reference[k])]
                 assert not different, (cache, workers, batch, different[:5])
     other_epoch = make_datasets(build_splits(_config(rgb_folder, tmp_path, "memory")),
                                 _config(rgb_folder, tmp_path, "memory"), seed=0)["train"]
@@ -92,7 +97,7 @@ def test_two_processes_give_each_sample_the_pixels_one_process_gives(rgb_folder,
         from imgcls.data.loaders import build_splits, make_datasets, make_loader
         from imgcls.recipe import AugmentConfig, DataConfig
         cfg = DataConfig(source="folder", root={str(rgb_folder)!r}, image_size=(16, 16), channels=3,
-                         cache="memory", augment=AugmentConfig(crop_padding=2, hflip=0.5, rotation=10.0,
+                         cache="memory", working_size={WORKING!r}, augment=AugmentConfig(crop_padding=2, hflip=0.5, rotation=10.0,
                          color_jitter=0.3))
         acc = Accelerator()
         train = make_datasets(build_splits(cfg), cfg, seed=0)["train"]
