@@ -162,3 +162,16 @@ def test_a_file_name_that_is_not_utf8_is_written_and_sorted(artifact, tmp_path):
     sorted_files = sorted(p.name for p in os.scandir(os.fsencode(dest)) for p in os.scandir(p.path))
     assert sorted_files == sorted([raw, b"plain.png"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_an_artifact_whose_weights_do_not_fit_its_config_is_refused_at_load(artifact, tmp_path, capsys):
+    bad = _with_names(artifact, tmp_path / "bad", CLASSES)
+    other = untrained_artifact(tmp_path / "three", ["x", "y", "z"])
+    shutil.copy(other / "model.safetensors", bad / "model.safetensors")  # a 3-class head in a 4-class artifact
+    assert predict_main([str(bad), str(artifact.parents[1] / "imgs" / "val")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {bad / 'model.safetensors'}: not the weights of the model its config.json describes (Error(s) in "
+        f"loading state_dict for SmallCNN: size mismatch for head.weight: copying a param with shape "
+        f"torch.Size([3, 16]) from checkpoint, the shape in current model is torch.Size([4, 16]). size mismatch for "
+        f"head.bias: copying a param with shape torch.Size([3]) from checkpoint, the shape in current model is "
+        f"torch.Size([4]).)\n")

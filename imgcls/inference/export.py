@@ -38,11 +38,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from imgcls.inference.artifact import artifact_path, load_artifact, read_artifact_config
+from imgcls.inference.artifact import artifact_path, read_artifact_config
 from imgcls.data.loaders import build_splits
 from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
-from imgcls.inference.predict import (META_KEY, Predictor, check_outputs, deploy_metadata, expand_inputs, load_onnx,
-                                      prepare, torch_predictor)
+from imgcls.inference.predict import (META_KEY, Predictor, check_outputs, deploy_metadata, expand_inputs,
+                                      load_checked_artifact, load_onnx, prepare, torch_predictor)
 from imgcls.recipe import Recipe, load_recipe
 from imgcls.errors import RecipeError
 from imgcls.errors import ClassNameError, DataError, ModelError
@@ -256,7 +256,7 @@ def summary_table(report: dict) -> str:
 def run_export(folder: Path, formats: list[str], out: Path, opset: int, images: list, atol: float,
                check_only: bool = False) -> dict:
     """Export (unless check_only) and check each format; the report of `export_report.json`."""
-    model, config = load_artifact(folder)
+    model, config, _ = load_checked_artifact(folder)
     meta = deploy_metadata(config)
     reference = batch_1_and_k(torch_predictor(model, meta, str(folder)), images)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,11 @@ def main(argv=None) -> int:
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    formats = run_export(folder, asked, out, opset, images, atol, args.check_only)
+    try:
+        formats = run_export(folder, asked, out, opset, images, atol, args.check_only)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = {"artifact": str(folder), "images": {"source": where, "n": len(images)}, "opset": opset,
               "versions": {"torch": torch.__version__, **_runtime_versions()}, "formats": formats,
               "passed": all(r["passed"] for r in formats.values())}

@@ -169,12 +169,25 @@ def check_outputs(config: dict, folder: str | Path) -> dict:
     return config
 
 
-def load_torch(path: str | Path) -> Predictor:
+def load_checked_artifact(path: str | Path):
+    """`load_artifact` for a folder that may come from anyone: (model, config, folder), or ModelError when its
+    class names do not fit the model, or its weights are no safetensors file or do not fit the model."""
+    from safetensors import SafetensorError
+
     from imgcls.inference.artifact import artifact_path, load_artifact, read_artifact_config
 
     folder = artifact_path(path)
     check_outputs(read_artifact_config(folder), folder)  # before the weights are read
-    model, config = load_artifact(folder)
+    try:
+        model, config = load_artifact(folder)
+    except (SafetensorError, RuntimeError) as e:  # not safetensors / tensors that do not fit the model
+        raise ModelError(f"{folder / 'model.safetensors'}: not the weights of the model its config.json "
+                         f"describes ({' '.join(str(e).split())[:400]})") from None
+    return model, config, folder
+
+
+def load_torch(path: str | Path) -> Predictor:
+    model, config, folder = load_checked_artifact(path)
     return torch_predictor(model, deploy_metadata(config), str(folder))
 
 
