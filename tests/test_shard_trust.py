@@ -330,3 +330,26 @@ def test_one_download_per_shard_however_many_ask_at_once(out, tmp_path):
             paths = list(pool.map(lambda _: cache.fetch(*entry), range(4)))
     assert gets["train-00000.parquet"] == 1
     assert len(set(paths)) == 1 and paths[0].read_bytes() == (out / "train-00000.parquet").read_bytes()
+
+
+def test_a_shard_claiming_more_bytes_than_it_has_evicts_nothing_and_is_refused(out, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache = ShardCache(str(cache_dir), limit_bytes=10**6)
+    with server(out) as (url, gets):
+        kept = cache.fetch(*remote_entry(out, url, 0))
+        link, digest, nbytes = remote_entry(out, url, 1)
+        with pytest.raises(ShardError) as e:
+            cache.fetch(link, digest, 10**12)  # room for a terabyte would have emptied the cache
+    assert str(e.value) == (f"{link}: the server sent {nbytes} bytes, but manifest.json says {10**12}; upload the "
+                            f"shards and their manifest.json again, written together by `imgcls-data shard`")
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == [kept.name]
+
+
+def test_a_labels_file_longer_than_the_manifest_says_is_not_read_past_it(out):
+    nbytes = manifest_of(out)["splits"]["train"]["labels"]["bytes"]
+    with open(out / "train.labels.npy", "ab") as f:
+        f.write(bytes(50 << 20))
+    with pytest.raises(DataError) as e:
+        load_shards(shards_cfg(out))
+    assert str(e.value) == (f"{out}/train.labels.npy: more than the {nbytes} bytes manifest.json says; write the "
+                            f"shards anew with `imgcls-data shard`")

@@ -196,6 +196,10 @@ class ShardCache:
                                          f"`imgcls-data shard`")
                     digest.update(chunk)
                     dst.write(chunk)
+            if left:
+                raise ShardError(f"{url}: the server sent {nbytes - left} bytes, but manifest.json says {nbytes}; "
+                                 f"upload the shards and their manifest.json again, written together by "
+                                 f"`imgcls-data shard`")
             if digest.hexdigest() != sha256:
                 raise ShardError(f"{url}: sha256 {digest.hexdigest()}, but manifest.json says {sha256}: the shard "
                                  f"is not the one the manifest was written with (changed on the server, or damaged "

@@ -42,14 +42,19 @@ def file_entry(data: bytes, name: str) -> dict:
     return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def fetch_small(root: str, name: str) -> bytes:
-    """manifest.json or a label file, through fsspec (a local folder, http(s)://, hf://)."""
+def fetch_small(root: str, name: str, limit: int | None = None) -> bytes:
+    """manifest.json or a label file, through fsspec (a local folder, http(s)://, hf://); with a `limit`, reading
+    stops past it (a DataError). The manifest is read whole: fsspec's streamed http open reports an unreachable
+    server as a missing file."""
     import fsspec
 
     url = f"{root}/{name}"
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        return fs.cat_file(path)
+        if limit is None:
+            return fs.cat_file(path)
+        with fs.open(path, "rb", block_size=0) as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         hint = ("is data.root a folder written by `imgcls-data shard`?" if name == MANIFEST else
                 "manifest.json lists this split, so the shard folder is incomplete: copy it again")
@@ -59,6 +64,9 @@ def fetch_small(root: str, name: str) -> bytes:
                         f"can reach it") from None
     except ImportError as e:  # fsspec's http(s) needs aiohttp; hf:// needs huggingface_hub
         raise DataError(f"cannot read {url}: {e}") from None
+    if len(data) > limit:
+        raise DataError(f"{url}: more than the {limit} bytes manifest.json says; {ANEW}")
+    return data
 
 
 def _whole(value, low: int, high: int) -> bool:
@@ -131,7 +139,7 @@ def read_labels(root: str, split: str, entry: dict, classes: int) -> np.ndarray:
     """The labels of a split (int64 [count]) from its `<split>.labels.npy`, checked against the manifest."""
     name, want, count = labels_file(split), entry["labels"], entry["count"]
     where = f"{root}/{name}"
-    data = fetch_small(root, name)
+    data = fetch_small(root, name, want["bytes"])
     digest = hashlib.sha256(data).hexdigest()
     if digest != want["sha256"]:
         raise DataError(f"{where}: sha256 {digest}, but manifest.json says {want['sha256']}: the labels changed "
