@@ -4,8 +4,8 @@
     data.root = "/data/cifar10-shards"          # or "https://host/cifar10-shards", "hf://datasets/me/cifar10/shards"
 
 A shard folder holds, per split, `<split>-<k:05d>.parquet` (columns `image`: the source's encoded bytes as they
-were, `label`: int32 class index, `key`: where the image came from, relative to the source's folder) and `<split>.labels.npy` (the split's
-labels in order), plus `manifest.json`:
+were, `label`: int32 class index, `key`: where the image came from, relative to the source's folder) and
+`<split>.labels.npy` (the split's labels in order), plus `manifest.json`:
 
     {"format": "imgcls-shards", "version": 2, "class_names": [...],
      "splits": {"train": {"count": N, "shards": [{"file": "train-00000.parquet", "count": n, "bytes": b,

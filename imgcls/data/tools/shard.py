@@ -9,8 +9,9 @@ for training). Train is written in an order shuffled once (`--order shuffled`, t
 that every shard holds a sample of every class: a training epoch shuffles the shards and the items inside each
 shard but never mixes shards (that keeps reads local; see `imgcls/data/shard_order.py`), and shards cut from a folder
 sorted by class would give batches of one or two classes. `--order source` keeps the source's order (then a run
-with data.shuffle = false sees exactly what the folder run sees). Val and test keep their order. Each image is stored as the source's
-encoded bytes, never re-encoded: the shards decode to the same pixels. The layout and manifest are described in
+with data.shuffle = false sees exactly what the folder run sees). Val and test keep their order. Each image is
+stored as the source's encoded bytes, never re-encoded: the shards decode to the same pixels; its `key` is where
+it came from relative to the source's folder (no user names or folder layouts are published). The layout and manifest are described in
 `imgcls/data/shards.py`. OUT is written as OUT.tmp-<pid> with manifest.json last, then renamed: a stopped run leaves
 no OUT (a killed one may leave OUT.tmp-<pid> to remove). OUT is a local folder; publish it as it is (a web
 server, or `hf upload <repo> OUT --repo-type dataset`) and point data.root at its URL.
@@ -230,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
     refuse_filled(out)  # before the image check, which may take minutes
     cfg = data_config_of(args)
     found = build_splits(cfg)
-    splits = {"train": train_order(found.train, args.order, args.seed), "val": found.val, **({"test": found.test} if found.test is not None else {})}
+    splits = {"train": train_order(found.train, args.order, args.seed), "val": found.val,
+              **({"test": found.test} if found.test is not None else {})}
     manifest = write_shards(splits, found.class_names, out, args.shard_size,
                             {"order": args.order, **({"seed": args.seed} if args.order == "shuffled" else {})},
                             source_base(cfg))
