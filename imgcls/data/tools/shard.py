@@ -11,8 +11,8 @@ shard but never mixes shards (that keeps reads local; see `imgcls/data/shard_ord
 sorted by class would give batches of one or two classes. `--order source` keeps the source's order (then a run
 with data.shuffle = false sees exactly what the folder run sees). Val and test keep their order. Each image is
 stored as the source's encoded bytes, never re-encoded: the shards decode to the same pixels; its `key` is where
-it came from relative to the source's folder (no user names or folder layouts are published). The layout and manifest are described in
-`imgcls/data/shards.py`. OUT is written as OUT.tmp-<pid> with manifest.json last, then renamed: a stopped run leaves
+it came from relative to the source's folder (no user names or folder layouts are published). The layout and
+manifest are described in `imgcls/data/shards.py`. OUT is written as OUT.tmp-<pid> with manifest.json last, then renamed: a stopped run leaves
 no OUT (a killed one may leave OUT.tmp-<pid> to remove). OUT is a local folder; publish it as it is (a web
 server, or `hf upload <repo> OUT --repo-type dataset`) and point data.root at its URL.
 
