@@ -266,7 +266,7 @@ def test_a_stopped_fill_is_never_used_and_is_cleaned(mixed, tmp_path, caplog):
     assert entries(cache) == set()  # the temp folder went with the exception
     store = open_disk(counting_split(mixed), pre(), "eval", cache_dir=str(cache))
     key = store.path.name
-    killed = cache / f"{key}.tmp-4242-deadbeef"  # what a SIGKILL leaves
+    killed = cache / f".{key}.k1ll3d.tmp"  # what a SIGKILL leaves
     killed.mkdir()
     (killed / "pixels.u8").write_bytes(b"half")
     (store.path / COMPLETE).unlink()  # a final folder without its marker

@@ -19,11 +19,11 @@ import json
 import logging
 import marshal
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+from imgcls.atomic import write_text
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,9 @@ def _load(path: Path) -> dict | None:
 def _save(path: Path, folder: Path, dirs: dict[str, list[int]], result: ScanResult) -> None:
     record = {"format": FORMAT_VERSION, "folder": str(folder), "dirs": dirs, "classes": result[0],
               "empty": result[1]}
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)  # O_EXCL: no planted link
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(record))  # unpredictable temp name (O_EXCL), then rename
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         log.warning("could not cache the index of %s in %s (%s); the next run scans it again", folder, path, e)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from imgcls.atomic import write_text
 from imgcls.data import images
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, code_identity, source_fingerprint
 from imgcls.data.images import BAD_IMAGE_ERRORS, MAX_IMAGE_PIXELS, set_max_image_pixels
@@ -70,19 +71,6 @@ def _result_file(split: Split, cache_dir: str) -> Path | None:
     return cache_root(cache_dir) / "image-check" / f"{key.hexdigest()}.json"
 
 
-def _keep(f: Path, found: list[tuple[int, str]]) -> None:
-    """Write the result whole under an unpredictable temp name (mkstemp: O_EXCL, never through a planted link)."""
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=f.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(json.dumps(found))
-        os.replace(tmp, f)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple[int, str]]]:
     """For each split, (item, "ErrorType: message") of every item that does not decode, in the split's order.
     A split whose images did not change since they were last checked is not decoded again."""
@@ -96,7 +84,7 @@ def find_unreadable(splits: list[Split], cache_dir: str = "") -> list[list[tuple
             continue
         result.append([(i, why) for i, why, _ in found[k]])
         if f is not None and all(lasting for _, _, lasting in found[k]):
-            _keep(f, result[-1])
+            write_text(f, json.dumps(result[-1]))  # unpredictable temp name, then rename
     return result
 
 

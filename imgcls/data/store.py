@@ -19,7 +19,7 @@ Caches: "none" decodes the files of each batch (`DecodingImages`: the same pixel
 a tensor in shared memory (DataLoader workers, forked or started by spawn/forkserver, map it instead of
 copying it; each training process fills its own); "disk" keeps the store under <cache_root>/<key>/ (see
 `fingerprint.py` for the key) as a file that every process maps (the page cache holds one copy per node).
-A disk store is written to <key>.tmp-<random>/ (tempfile.mkdtemp) with COMPLETE last, then renamed, under a file
+A disk store is written to .<key>.<random>.tmp/ (`atomic.tmp_dir`) with COMPLETE last, then renamed, under a file
 lock (<key>.lock): a stopped fill is never used, and the next filler removes it. A store is mapped only when its
 folder and files are this user's own regular files (not links) that match their manifest: a folder someone else
 planted in a shared cache_dir is refused, a planted link refilled. With several processes on a node,
@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from imgcls.atomic import tmp_dir
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
 from imgcls.data.images import BAD_IMAGE_ERRORS
 from imgcls.data.pool import local_processes, map_chunks
@@ -278,10 +278,10 @@ def _check_space(root: Path, nbytes: int) -> None:
 
 
 def _fill_disk(framer: Framer, split: Split, folder: Path, inputs: dict, show: bool, workers: int | None) -> None:
-    """Fill <key>.tmp-<random>/, write COMPLETE last, rename it to <key>/."""
+    """Fill .<key>.<random>.tmp/, write COMPLETE last, rename it to <key>/."""
     shape = (len(split), *framer.shape)
     _check_space(folder.parent, math.prod(shape))
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    tmp = tmp_dir(folder)
     try:
         if len(split):
             mapped = np.memmap(tmp / PIXELS, dtype=np.uint8, mode="w+", shape=shape)
@@ -339,7 +339,7 @@ def _open_complete(folder: Path, repair: bool) -> ImageStore | None:
 
 
 def _remove_stopped_fills(folder: Path) -> None:
-    for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
         log.warning("removing %s: the fill that wrote it was stopped", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from imgcls import atomic
 from imgcls.errors import DataError
 from imgcls.data.tools.target import add_target_arguments, data_config_of
 
@@ -55,13 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 def write_json(path: Path, data: dict) -> None:
     """`data` as JSON at `path`, atomically: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"--json {path}: cannot write the report ({type(e).__name__}: {e})") from None
 
 
