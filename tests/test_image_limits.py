@@ -99,3 +99,19 @@ def test_a_symlink_loop_and_a_dangling_symlink_go_through_on_bad_image(folder, m
         splits = build_splits(cfg)
     assert len(splits.train) == 12
     assert loop_line in caplog.text and dangling_line in caplog.text
+
+
+def test_the_limit_travels_with_the_framer_to_a_spawned_worker(folder):
+    """A spawned DataLoader worker (macOS's default) starts with the default limit: the framer carries the run's."""
+    import pickle
+
+    from imgcls.data.store import Framer
+    from imgcls.data.transforms import Preprocess
+
+    cfg = DataConfig(source="folder", root=str(folder), max_image_pixels=100_000_000, **GRAY)
+    splits = build_splits(cfg)
+    framer = Framer(splits.train, Preprocess.from_data(cfg), "eval")
+    state = pickle.dumps(framer)
+    images.set_max_image_pixels(MAX_IMAGE_PIXELS)  # as in a fresh process
+    pickle.loads(state)
+    assert images.max_image_pixels() == 100_000_000

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from imgcls.atomic import tmp_dir
 from imgcls.data.fingerprint import FORMAT_VERSION, cache_root, frame_inputs, source_fingerprint, store_key
-from imgcls.data.images import BAD_IMAGE_ERRORS
+from imgcls.data.images import BAD_IMAGE_ERRORS, max_image_pixels, set_max_image_pixels
 from imgcls.data.pool import local_processes, map_chunks
 from imgcls.data.split import Split
 from imgcls.errors import DataError
@@ -109,6 +109,11 @@ class Framer:
         # with augmentation off train pixels are eval pixels
         other_size = frame == "train" and tuple(self.shape[1:]) != tuple(pre.frame_size())
         self.draft = (self.shape[2], self.shape[1]) if other_size else None
+        self.max_pixels = max_image_pixels()  # data.max_image_pixels, carried to spawned workers
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        set_max_image_pixels(self.max_pixels)  # a spawned worker starts with the default
 
     def __call__(self, k: int) -> torch.Tensor:
         i = self.split.indices[k]
