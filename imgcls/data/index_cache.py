@@ -8,9 +8,10 @@ covers the folder as given and absolute, the extensions and scan_fn's code. Addi
 or a folder changes its parent directory's mtime and ctime; a user can set the mtime back (`touch -d`,
 `rsync -t`), never the ctime. So a run that finds every recorded directory with its recorded stamps reuses the
 result: one stat per directory instead of a listing of every file (50,000 CIFAR-10 JPEGs in 10 class folders,
-on a busy 2-core machine: scan 0.19 s, first cached_scan 0.27 s, the next 0.01 s). Any difference scans again. A directory changed less than RACY_NS
-before the scan is not cached: a second change within one tick of the filesystem clock would leave its mtime
-as it was (git calls such entries racy), so only the next, quiet run caches it.
+on a busy 2-core machine: scan 0.19 s, first cached_scan 0.27 s, the next 0.01 s). Any difference scans again.
+A directory changed less than RACY_NS before the scan is not cached: a second change within one tick of the
+filesystem clock would leave its mtime as it was (git calls such entries racy), so only the next, quiet run
+caches it.
 """
 from __future__ import annotations
 
