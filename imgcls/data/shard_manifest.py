@@ -136,7 +136,8 @@ def read_manifest(root: str) -> tuple[dict, str]:
 
 
 def read_labels(root: str, split: str, entry: dict, classes: int) -> np.ndarray:
-    """The labels of a split (int64 [count]) from its `<split>.labels.npy`, checked against the manifest."""
+    """The labels of a split ([count], the file's integer dtype) from its `<split>.labels.npy`, checked against the
+    manifest."""
     name, want, count = labels_file(split), entry["labels"], entry["count"]
     where = f"{root}/{name}"
     data = fetch_small(root, name, want["bytes"])
@@ -157,7 +158,7 @@ def read_labels(root: str, split: str, entry: dict, classes: int) -> np.ndarray:
     if len(data) - f.tell() != count * dtype.itemsize:
         raise DataError(f"{where}: {len(data) - f.tell()} bytes of labels, {count} {dtype} labels need "
                         f"{count * dtype.itemsize}; {ANEW}")
-    labels = np.frombuffer(data, dtype, count, f.tell()).astype(np.int64)
+    labels = np.frombuffer(data, dtype, count, f.tell())
     if count and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"{where}: labels outside 0..{classes - 1} (manifest.json names {classes} classes)")
     return labels

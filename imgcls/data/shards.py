@@ -69,7 +69,7 @@ class ShardImages:
                  labels: np.ndarray):
         self.root, self.split, self.shards, self.cache = root, split, shards, cache
         self.manifest_sha256 = manifest_sha256  # what `fingerprint.source_fingerprint` keys the disk cache by
-        self.labels = np.asarray(labels, dtype=np.int64)  # what the `label` column of each shard must hold
+        self.labels = np.asarray(labels)  # what the `label` column of each shard must hold (uint8 for <= 256 classes)
         self.starts = list(itertools.accumulate((s["count"] for s in shards), initial=0))
         self._tables: OrderedDict[int, object] = OrderedDict()  # shard -> its `image` and `key` (pyarrow)
 
