@@ -12,7 +12,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_shards import manifest_of, shard, shards_cfg, tree  # noqa: F401 (tree: a fixture)
+from conftest import write_class_folders
+from test_shards import CLASSES, manifest_of, shard, shards_cfg
 
 from imgcls.data import shard_cache
 from imgcls.data.scan import check_images
@@ -117,7 +117,12 @@ def flip_image_byte(path: Path) -> bytes:
 
 
 @pytest.fixture
-def out(tree, tmp_path) -> Path:  # noqa: F811
+def out(tmp_path) -> Path:
+    """Shards of 4 images: train 18 (6 a class, PNG and JPEG), val 6, test 6 (16 px gray)."""
+    tree = tmp_path / "imgs"
+    write_class_folders(tree / "train", CLASSES, 6, exts=(".png", ".jpg"), seed=0)
+    write_class_folders(tree / "val", CLASSES, 2, seed=1)
+    write_class_folders(tree / "test", CLASSES, 2, exts=(".jpg",), seed=2)
     out = tmp_path / "shards"
     assert shard(tree, out, "--shard-size", "4") == 0
     return out
