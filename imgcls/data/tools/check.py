@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from imgcls import atomic
+from imgcls.atomic import write_text
 from imgcls.errors import DataError
 from imgcls.data.tools.target import add_target_arguments, data_config_of
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 def write_json(path: Path, data: dict) -> None:
     """`data` as JSON at `path`, atomically: a reader sees the old file or the whole new one."""
     try:
-        atomic.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
         raise DataError(f"--json {path}: cannot write the report ({type(e).__name__}: {e})") from None
 
