@@ -171,3 +171,14 @@ def test_time_in_neither_model_nor_data_is_the_trainer_and_names_its_per_step_co
 def load_recipe_text(*overrides: str):
     """recipes/imagefolder_resnet18.toml: a folder of photos, global batch 64."""
     return load_recipe(Path(__file__).parents[1] / "recipes" / "imagefolder_resnet18.toml", list(overrides))
+
+
+def test_a_trainer_stopped_by_the_time_limit_before_its_first_log_still_gives_a_speed(tmp_path, image_folder):
+    """--seconds far below one step: every phase still times one step; the trainer's steps since its last
+    logged window (here: all of them) are logged when the phase ends."""
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{image_folder}"')
+    code, report = run_doctor(recipe, "--steps", "40", "--seconds", "0.001")
+    assert code == 0
+    assert report["trainer"]["steps"] == 1 and report["trainer"]["windows"] == 1
+    assert 1 <= report["input"]["batches"] < 9  # 10 batches an epoch, the first not timed
+    assert all(v > 0 for v in report["images_per_s"].values())

@@ -117,7 +117,7 @@ def input_pipeline(trainer, batch: int, steps: int, seconds: float) -> dict:
     n = 0
     first = None
     try:
-        while n < steps and (first is None or time.perf_counter() - first < seconds):
+        while n < steps and (first is None or n == 0 or time.perf_counter() - first < seconds):
             t0 = time.perf_counter()
             images, labels, positions = next(it)
             t1 = time.perf_counter()
@@ -158,6 +158,8 @@ def trainer_speed(trainer) -> dict:
     """Run the trainer's own epochs until its max_steps/max_time; median of its logged windows after the first."""
     while not trainer.done:
         trainer.train_epoch()
+    if trainer.state.window_batches:  # the steps since the last logged window (a max_time stop, a short run)
+        trainer.log_train()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in rows if r["event"] == "train"]
     windows = windows[1:] or windows
@@ -171,7 +173,7 @@ def trainer_speed(trainer) -> dict:
 def measure_overrides(steps: int, seconds: float) -> list[str]:
     """The trainer phase: `steps` optimizer steps (or `seconds` after setup), logged in about 8 windows; no
     trackers, plots, probe or calibration."""
-    every = max(steps // 8, 5)
+    every = max(steps // 8, 1)
     return [f"train.max_steps={steps}", f"train.max_time={seconds}", f"train.log_every_steps={every}",
             "tracking.backends=[]", "tracking.plots=false", "probe.enabled=false", "train.calibrate=false",
             "train.evaluate_before_train=false", "export.formats=[]"]
