@@ -2,6 +2,7 @@
 seeded augmentation, and the classic MNIST carve on the real data."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_hub_layout
+from conftest import SHARED_DATA, needs_real_data, pattern_image, write_class_folders, write_hub_layout, write_recipe
+from helpers import only_run, train_inprocess
 from imgcls.data.loaders import build_splits, make_datasets
 from imgcls.recipe import DataConfig
 from imgcls.errors import DataError
@@ -523,3 +525,57 @@ def test_hub_streaming_is_refused_because_it_cannot_resume_exactly(tmp_path):
                            "buffer's content")
     assert f"To train on {root} without downloading it on every training machine" in text
     assert 'train with data.source = "shards"' in text and text.endswith("into the datasets cache.")
+
+
+def _write_hub_split(root: Path, split: str, labels: list[int], features) -> None:
+    import datasets
+
+    rng = np.random.default_rng(len(labels))
+    images = [pattern_image(max(k, 0), 16, rng) for k in labels]
+    ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+
+
+def test_an_unlabelled_hub_test_split_is_left_out_with_a_warning_and_the_run_finishes(tmp_path, caplog):
+    """#19.2: imagenet-1k's test split has label -1 on every row. It passed every check, the run trained, then
+    finish() crashed (IndexError) with no results.json. Now it is left out up front, and the log says so."""
+    import datasets
+
+    root = tmp_path / "hub"
+    (root / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    _write_hub_split(root, "train", [0, 1] * 40, features)
+    _write_hub_split(root, "validation", [0, 1] * 10, features)
+    _write_hub_split(root, "test", [-1] * 12, features)
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "hub"\ndataset = "{root}"')
+    recipe.write_text(recipe.read_text().replace("epochs = 3", "epochs = 1"))
+    with caplog.at_level(logging.WARNING):
+        assert train_inprocess(recipe) == 0
+    assert ("data: split 'test' of " + str(root) + " has no labels (label -1 on all 12 rows, as a hub test split "
+            "whose answers are withheld): it is left out, so this run has no test result") in caplog.text
+    results = json.loads((only_run(tmp_path / "runs") / "results.json").read_text())
+    assert "test" not in results and results["val"]["n"] == 20
+
+
+def test_hub_labels_outside_the_class_names_or_partly_missing_are_refused(tmp_path):
+    """A split with some rows unlabelled, and integer labels whose largest value is in another split than the
+    first (the class count was taken from the first split only)."""
+    import datasets
+
+    root = tmp_path / "hub"
+    (root / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    _write_hub_split(root, "train", [0, 1] * 10, features)
+    _write_hub_split(root, "test", [0, -1, 1], features)
+    with pytest.raises(DataError) as e:
+        build_splits(DataConfig(source="hub", dataset=str(root), image_size=(16, 16), channels=1, mean=[0.5], std=[0.25]))
+    assert str(e.value) == (f"data: split 'test' of {root} has 1 of 3 rows without a label (-1); label every row, "
+                            "or leave the split out of the dataset")
+
+    plain = tmp_path / "plain"
+    (plain / "data").mkdir(parents=True)
+    ints = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    _write_hub_split(plain, "train", [0, 1] * 10, ints)
+    _write_hub_split(plain, "test", [0, 1, 2], ints)
+    found = build_splits(DataConfig(source="hub", dataset=str(plain), image_size=(16, 16), channels=1, mean=[0.5], std=[0.25]))
+    assert found.class_names == ["0", "1", "2"]

@@ -96,3 +96,18 @@ def test_select_ema_writes_the_ema_weights_to_model_best_and_tests_them(tmp_path
     results = json.loads((run / "results.json").read_text())
     assert results["val"]["top1"] == val_ema["top1"] and results["val"]["loss"] == pytest.approx(val_ema["loss"])
     assert json.loads((run / "model" / "best" / "config.json").read_text())["val"]["top1"] == val_ema["top1"]
+
+
+def test_val_ema_is_evaluated_under_the_runs_autocast_as_val_is(tmp_path, image_folder):
+    """#19.16: with a decay of 1e-30 the average equals the trained weights bit for bit (d * w is far below half
+    an ulp of w, and 1 - d rounds to 1), so under bf16 val and val_ema must be the same numbers; val_ema
+    evaluated without autocast (float32) gave another loss."""
+    recipe = _recipe(tmp_path, image_folder, "a", train='mixed_precision = "bf16"')
+    text = recipe.read_text().replace("ema_decay = 0.9\nema_warmup_steps = 4", "ema_decay = 1e-30\nema_warmup_steps = 0")
+    recipe.write_text(text.replace("epochs = 3", "epochs = 1"))
+    assert train_inprocess(recipe) == 0
+    rows = metrics_rows(only_run(tmp_path / "a"))
+    val = [r for r in rows if r["event"] == "val"][-1]
+    val_ema = [r for r in rows if r["event"] == "val_ema"][-1]
+    assert val_ema["step"] == val["step"]
+    assert (val_ema["loss"], val_ema["top1"]) == (val["loss"], val["top1"])

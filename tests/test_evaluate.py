@@ -209,3 +209,23 @@ def test_eval_names_its_outputs_after_what_was_evaluated_and_never_overwrites_an
     assert report("eval_new_scans.json")["data"] == f"folder {tmp_path / 'new_scans'}"
     assert report("eval_new_scans.json")["n"] == 6 and report("eval_new_scans_2.json")["n"] == 4
     assert report("eval_test_2.json")["data"] == f"folder {tmp_path / 'test'}" and report("eval_test_2.json")["n"] == 2
+
+
+def test_macro_f1_has_one_definition_in_training_and_in_eval():
+    """#19.11: the trainer's macro-F1 averaged over the classes present, imgcls-eval's over all classes (0.8496
+    vs 0.5664 on one matrix). One definition (sklearn's macro average over the labels that occur as truth or
+    prediction), in both. Class 2 occurs nowhere here; class 1 is never predicted right."""
+    from imgcls.inference.evaluate import build_report
+    import torch
+
+    from imgcls.training.metrics import macro_f1
+
+    labels = np.array([0, 0, 0, 1, 1, 3, 3, 3])
+    predicted = np.array([0, 0, 3, 0, 3, 3, 3, 3])
+    logits = np.eye(4)[predicted] * 5.0
+    report = build_report(logits, labels, ["a", "b", "c", "d"], 1.0)
+    f1 = {"a": 2 * 2 / (3 + 3), "b": 0.0, "d": 2 * 3 / (3 + 5)}  # 2 tp / (true + predicted), present classes only
+    expected = sum(f1.values()) / 3
+    assert report["macro"]["f1"] == pytest.approx(expected, abs=1e-15)
+    assert macro_f1(torch.tensor(report["confusion"])) == pytest.approx(expected, abs=1e-15)
+    assert report["macro"]["recall"] == pytest.approx((2 / 3 + 0 + 1) / 3, abs=1e-15)

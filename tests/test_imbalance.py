@@ -72,6 +72,33 @@ def test_scalars_carry_the_new_metrics_and_not_the_matrix():
     assert scalars(metrics) == {"loss": 1.0, "top1": 0.5, "n": 4, "macro_f1": 0.4, "balanced_accuracy": 0.45}
 
 
+def test_repeated_draws_of_one_image_get_their_own_augmentation(skewed_folder):
+    """#19.3: the balanced sampler draws each of the 8 images of class c about 5 times an epoch. Keyed on
+    (seed, epoch, position), every draw of an image got the same crop and flip (a minority image drawn 39 times
+    gave 1 distinct view); keyed on the draw, they differ as the draws of different images do."""
+    from accelerate import Accelerator
+    from imgcls.recipe import AugmentConfig
+
+    cfg = DataConfig(source="folder", root=str(skewed_folder), image_size=(16, 16), channels=1, mean=[0.5],
+                     std=[0.25], sampler="balanced", augment=AugmentConfig(crop_padding=4, hflip=0.5))
+    splits = build_splits(cfg)
+    sampler = train_sampler(splits.train, cfg, 5, 1, 16, 10)
+    dataset = make_datasets(splits, cfg, 5)["train"]
+    loader = Accelerator(cpu=True).prepare(make_loader(dataset, 16, cfg, True, 5, sampler))
+    loader.set_epoch(0)
+    dataset.set_augment_epoch(0)
+    labels = split_labels(splits.train)
+    inputs = torch.cat([dataset.model_input(images, keys) for images, _, keys in loader])
+    views: dict[int, list[bytes]] = {}
+    for image, position in zip(inputs, sampler.sequence(0).tolist()):  # the loader follows the sequence (below)
+        views.setdefault(position, []).append(image.numpy().tobytes())
+    minority = [p for p in views if labels[p] >= 2]
+    draws = sum(len(views[p]) for p in minority)
+    distinct = sum(len(set(views[p])) for p in minority)
+    assert draws >= 60  # about half of 160: 16 images drawn about 5 times each
+    assert distinct / draws > 0.8, (distinct, draws)  # 16 / draws (about 0.25) when keyed on the position
+
+
 # ---------------------------------------------------------------- class weights
 def test_balanced_class_weights_follow_the_formula_on_a_skewed_split():
     labels = [0] * 60 + [1] * 30 + [2] * 10
@@ -109,11 +136,28 @@ def test_balanced_sampler_draws_each_class_about_equally_on_a_9_to_1_split():
 
 
 def test_balanced_sampler_order_is_a_function_of_seed_and_epoch():
+    """Not of the global RNGs, nor of the process: the same order after other draws and in a fresh interpreter;
+    another epoch or seed gives another. The keys count each position's earlier draws, by hand."""
+    import subprocess
+    import sys
+
     labels = [0] * 90 + [1] * 10
-    a, b = BalancedSampler(labels, seed=3), BalancedSampler(labels, seed=3)
+    a = BalancedSampler(labels, seed=3)
     a.set_epoch(4)
+    first = list(a)
+    np.random.seed(123), torch.manual_seed(9), np.random.rand(5), torch.rand(5)  # disturb every global RNG
+    b = BalancedSampler(labels, seed=3)
     b.set_epoch(4)
-    assert list(a) == list(b) == a.sequence(4).tolist()
+    code = ("from imgcls.data.imbalance import BalancedSampler; s = BalancedSampler([0] * 90 + [1] * 10, seed=3); "
+            "s.set_epoch(4); print(list(s))")
+    elsewhere = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert first == list(b) == json.loads(elsewhere)
+    seen: dict[int, int] = {}
+    for key in first:
+        position = key % 100
+        assert key // 100 == seen.get(position, 0)  # the n-th repeat of a position has key position + 100 n
+        seen[position] = seen.get(position, 0) + 1
+    assert [k % 100 for k in first] == a.sequence(4).tolist() and max(seen.values()) > 1
     assert not np.array_equal(a.sequence(4), a.sequence(5))
     assert not np.array_equal(a.sequence(4), BalancedSampler(labels, seed=4).sequence(4))
 
@@ -132,8 +176,10 @@ def test_the_prepared_train_loader_follows_the_sampler_each_epoch(skewed_folder)
     for epoch in (0, 2):
         loader.set_epoch(epoch)
         batches = list(loader)
-        positions = torch.cat([p for _, _, p in batches]).tolist()
-        assert positions == sampler.sequence(epoch).tolist()  # 160 = 10 whole batches
+        keys = torch.cat([p for _, _, p in batches])
+        assert keys.tolist() == sampler.keys(epoch).tolist()  # 160 = 10 whole batches
+        positions = (keys % 160).tolist()  # a repeated draw's key is position + 160 x repeat
+        assert positions == sampler.sequence(epoch).tolist()
         assert torch.cat([y for _, y, _ in batches]).tolist() == labels[positions].tolist()
     shares = np.bincount(labels[sampler.sequence(0)], minlength=4) / 160
     assert shares.min() > 0.15 and shares.max() < 0.35  # 45% / 45% / 5% / 5% without it

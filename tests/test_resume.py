@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -224,3 +225,32 @@ def test_the_printed_resume_command_repeats_the_launcher_with_the_run_folder(tmp
     assert resume_command(run, launcher, {RESUME_ENV: relaunch}) == (
         f"imgcls-launch {tmp_path}/r.toml name=sig --config {tmp_path}/cfg.yaml -- --resume {run}")
     assert resume_command(run, ["/bin/bash"], {}).endswith(f" -m imgcls.train --resume {run}")
+
+
+def _fake_checkpoint(run: Path, step: int, completed_at_ns: int) -> Path:
+    ckpt = run / "checkpoints" / f"step-{step:07d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.json").write_text(json.dumps({"step": step}))
+    (ckpt / MARKER).write_text(json.dumps({"step": step}))
+    os.utime(ckpt / MARKER, ns=(completed_at_ns, completed_at_ns))
+    return ckpt
+
+
+def test_a_run_folder_resumes_and_prunes_by_completion_not_by_step_number(tmp_path, image_folder):
+    """#19.5: resumed from step 10 of a run that had reached step 30, the run saved a fresh step 20. The newest
+    checkpoint is that step 20 (the timeline the user chose), for `--resume RUN_FOLDER` as for `--resume auto`,
+    and `keep_last` keeps it (by step number it kept the abandoned step 30 and deleted the fresh one)."""
+    from imgcls.training.checkpoint import prune_checkpoints
+    from imgcls.training.runinfo import resolve_resume
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{image_folder}"'))
+    run = Path(recipe.checkpoint.output_dir) / recipe.name / "20261205-000000"
+    t = 1_800_000_000 * 10**9
+    _fake_checkpoint(run, 10, t)
+    _fake_checkpoint(run, 30, t + 3 * 10**9)  # abandoned: the user resumed from step 10 after this
+    fresh = _fake_checkpoint(run, 20, t + 9 * 10**9)
+    assert find_resume(Path(recipe.checkpoint.output_dir), recipe.name) == fresh
+    assert resolve_resume(recipe, str(run)) == fresh
+    assert complete_checkpoints(run)[-1] == fresh
+    prune_checkpoints(run, keep_last=1)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000020"]

@@ -196,12 +196,25 @@ def load_hub(cfg: DataConfig) -> tuple[dict[str, Split], list[str]]:
     dsd = _load(cfg, str(local) if looks_local else cfg.dataset, looks_local)
     first = next(iter(dsd.values()))
     image_col, label_col = _hub_columns(cfg, first.features)
-    names = _hub_class_names(first, label_col)
+    labels = {split_name: [int(v) for v in ds[label_col]] for split_name, ds in dsd.items()}
+    for split_name, values in list(labels.items()):
+        missing = sum(v < 0 for v in values)
+        if missing and missing == len(values):  # a test split whose answers are withheld (imagenet-1k's)
+            log.warning("data: split %r of %s has no labels (label -1 on all %d rows, as a hub test split whose "
+                         "answers are withheld): it is left out, so this run has no %s result", split_name,
+                         cfg.dataset, len(values), split_name)
+            del labels[split_name]
+        elif missing:
+            raise DataError(f"data: split {split_name!r} of {cfg.dataset} has {missing} of {len(values)} rows without "
+                            "a label (-1); label every row, or leave the split out of the dataset")
+    names = _hub_class_names(first, label_col, labels)
     splits = {}
-    for split_name, ds in dsd.items():
-        rows = ds.cast_column(image_col, datasets.Image(decode=False))
-        splits[split_name] = Split(split_name, [int(v) for v in ds[label_col]],
-                                   HubRows(rows, image_col, split_name, cfg.dataset))
+    for split_name, values in labels.items():
+        if max(values, default=0) >= len(names):
+            raise DataError(f"data: split {split_name!r} of {cfg.dataset} has label {max(values)}, but the "
+                            f"{label_col!r} column names {len(names)} classes; fix the labels or the class names")
+        rows = dsd[split_name].cast_column(image_col, datasets.Image(decode=False))
+        splits[split_name] = Split(split_name, values, HubRows(rows, image_col, split_name, cfg.dataset))
     return splits, names
 
 
@@ -220,10 +233,11 @@ def _hub_columns(cfg: DataConfig, features) -> tuple[str, str]:
     return image_col, label_col
 
 
-def _hub_class_names(ds, label_col: str) -> list[str]:
+def _hub_class_names(ds, label_col: str, labels: dict[str, list[int]]) -> list[str]:
+    """The ClassLabel's names; for plain integer labels "0".."K-1", K = the largest label of any split + 1."""
     import datasets
 
     feature = ds.features[label_col]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    return [str(i) for i in range(max(ds[label_col]) + 1)]
+    return [str(i) for i in range(max((max(v, default=0) for v in labels.values()), default=0) + 1)]

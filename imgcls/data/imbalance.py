@@ -7,7 +7,9 @@
     sampler = BalancedSampler(labels, seed)                  # DataLoader(..., sampler=sampler); set_epoch(e)
 
 The balanced order draws len(split) positions per epoch, with replacement, each with probability proportional to
-1 / count(its class), so every class is drawn about equally often. The draw is a pure function of (seed, epoch)
+1 / count(its class), so every class is drawn about equally often. The sampler yields draw keys, not positions:
+key = position + N x (how often this position was drawn before in the epoch), so the first draw of an image is
+its position and each repeat gets its own augmentation (keyed on the key); `Images` reads position = key mod N. The draw is a pure function of (seed, epoch)
 (numpy's `SeedSequence([seed, epoch])`): the same on every process, after a resume, with any number of workers.
 Accelerate's prepared loader hands the sampler its epoch (`loader.set_epoch(epoch)`), and with several processes
 gives process r the batches r, r+W, ... of that one sequence.
@@ -72,5 +74,14 @@ class BalancedSampler(Sampler[int]):
         rng = np.random.default_rng(np.random.SeedSequence(entropy))
         return rng.choice(len(self.p), size=len(self.p), replace=True, p=self.p).astype(np.int64)
 
+    def keys(self, epoch: int | None = None) -> np.ndarray:
+        """int64 [N]: `sequence`'s draws as keys, position + N x (earlier draws of that position this epoch)."""
+        drawn = self.sequence(epoch)
+        order = np.argsort(drawn, kind="stable")
+        first = np.searchsorted(drawn[order], drawn[order], side="left")  # where each position's run starts
+        repeat = np.empty_like(drawn)
+        repeat[order] = np.arange(len(drawn)) - first
+        return drawn + len(self.p) * repeat
+
     def __iter__(self) -> Iterator[int]:
-        yield from self.sequence().tolist()
+        yield from self.keys().tolist()

@@ -135,8 +135,15 @@ class Images(Dataset):
         a dataset's `set_epoch` with their own iteration count."""
         self.epoch = epoch
 
-    def __getitems__(self, positions: list[int]):
-        return self.pixels.__getitems__(positions)
+    def __getitems__(self, keys: list[int]):
+        """(uint8 images, labels, keys). A key is a position, or for a repeated draw of the balanced sampler
+        position + N x repeat (`imbalance.BalancedSampler.keys`): the pixels are the position's, the augmentation
+        is keyed on the key."""
+        n = len(self.pixels)
+        if max(keys, default=0) < n:
+            return self.pixels.__getitems__(keys)
+        images, labels, _ = self.pixels.__getitems__([k % n for k in keys])
+        return images, labels, torch.as_tensor(keys, dtype=torch.int64)
 
     def model_input(self, images: torch.Tensor | EncodedBatch, positions: torch.Tensor) -> torch.Tensor:
         if isinstance(images, EncodedBatch):  # data.decode = "gpu": decoded where the positions are, the device

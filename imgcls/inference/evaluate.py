@@ -43,6 +43,7 @@ from imgcls.errors import RecipeError
 from imgcls.data.sources import LOADERS, Split
 from imgcls.errors import DataError
 from imgcls.data.transforms import Preprocess
+from imgcls.inference.scores import macro_scores, per_class_scores
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +129,6 @@ def collect_logits(model: torch.nn.Module, split: Split, pre: dict, batch_size: 
 
 
 # ---------------------------------------------------------------- metrics
-def per_class_scores(confusion: np.ndarray, names: list[str]) -> dict[str, dict]:
-    """Precision, recall, F1 and support per class from a confusion matrix (rows true, columns predicted)."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    tp, predicted, actual = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
-    return {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(actual[i])} for i, name in enumerate(names)}
-
-
 def coverage_table(probs: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> list[dict]:
     """For each reject threshold P (predict's `--reject-below P`): share of images answered, accuracy on those."""
     rows = []
@@ -162,7 +151,7 @@ def build_report(logits: np.ndarray, labels: np.ndarray, names: list[str], tempe
     if c > 5:
         top5 = np.argsort(-probs, axis=1)[:, :5]
         report["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
-    report["macro"] = {k: float(np.mean([s[k] for s in scores.values()])) for k in ("precision", "recall", "f1")}
+    report["macro"] = macro_scores(confusion)  # over the classes that occur (imgcls.inference.scores)
     report["per_class"] = scores
     report["confusion"] = confusion.tolist()
     report["ece"] = ece(*confidence_correct(probs, labels))

@@ -139,16 +139,23 @@ def restore_extras(source: Path, scheduler, ema, process_index: int, saved_world
                               "another checkpoint, or start anew")
 
 
+def _completed(p: Path) -> tuple[int, int]:
+    # the marker is written once, last: its time says when the checkpoint became complete
+    return (p / MARKER).stat().st_mtime_ns, int(p.name.split("-")[1])
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first by completion: after a resume from an older step the fresh
+    checkpoints come last, whatever their step numbers (the abandoned later steps are older)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / MARKER).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=_completed)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; remove incomplete leftovers."""
+    """Keep the `keep_last` most recently completed checkpoints; remove incomplete leftovers."""
     root = Path(run_dir) / "checkpoints"
     complete = complete_checkpoints(run_dir)
     for p in complete[:-keep_last]:
@@ -167,7 +174,6 @@ def find_resume(runs_root: Path, name: str) -> Path | None:
     if not base.is_dir():
         return None
     found = [c for run in base.iterdir() if run.is_dir() for c in complete_checkpoints(run)]
-    # the marker is written once, last: its time says when the checkpoint became complete
-    return max(found, key=lambda p: ((p / MARKER).stat().st_mtime, int(p.name.split("-")[1])), default=None)
+    return max(found, key=_completed, default=None)
 
 

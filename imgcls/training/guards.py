@@ -15,6 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
+
+from imgcls.errors import NonFiniteLoss
+from imgcls.training.checkpoint import complete_checkpoints
+
+log = get_logger("imgcls.train")
 
 clock = time.monotonic  # tests replace it with a fake clock
 
@@ -70,3 +76,34 @@ def nonfinite_message(step: int, epoch: int, value: float, checkpoint: Path | No
     return (f"{why}non-finite training loss ({value}) at optimizer step {step} (epoch {epoch}); the run is stopped "
             f"and {kept}. Lower optim.lr, set optim.grad_clip_norm (e.g. 1.0), or under fp16 use bf16 (same range "
             f"as fp32); train.on_nonfinite = \"skip\" skips such steps instead")
+
+
+class NonFiniteSteps:
+    """The Trainer's part for `train.on_nonfinite`: "stop" raises where the loop syncs anyway, "skip" drops an
+    optimizer step's gradients (up to `train.max_skipped_steps` in a row)."""
+
+    def check_finite(self) -> None:
+        """on_nonfinite = "stop": read the device flag where the loop syncs anyway (log, evaluation, checkpoint),
+        before anything of a bad state is logged or saved."""
+        if self.recipe.train.on_nonfinite == "stop" and (bad := self.nonfinite.read(self.accelerator)):
+            self.raise_nonfinite(*bad)
+
+    def skip_step(self) -> bool:
+        """on_nonfinite = "skip": whether this optimizer step had a non-finite loss; if so its gradients are
+        dropped. One host sync per optimizer step (the decision must precede `optimizer.step()`)."""
+        s, bad = self.state, self.nonfinite.read(self.accelerator)
+        if bad is None:
+            s.skipped_in_a_row = 0
+            return False
+        s.skipped_steps, s.skipped_in_a_row = s.skipped_steps + 1, s.skipped_in_a_row + 1
+        if s.skipped_in_a_row > self.recipe.train.max_skipped_steps:
+            self.raise_nonfinite(*bad, in_a_row=s.skipped_in_a_row)
+        log.warning("non-finite training loss (%s) at optimizer step %d: step skipped (%d in a row, %d in all)",
+                    bad[1], bad[0], s.skipped_in_a_row, s.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def raise_nonfinite(self, step: int, value: float, in_a_row: int = 0) -> None:
+        saved = complete_checkpoints(self.run_dir)
+        raise NonFiniteLoss(nonfinite_message(step, (step - 1) // self.plan.steps_per_epoch, value,
+                                              saved[-1] if saved else None, in_a_row))

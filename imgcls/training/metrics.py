@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from imgcls.inference.scores import balanced_accuracy, macro_f1
+
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = False, flip_tta: bool = False
@@ -36,7 +38,7 @@ def evaluate(model, loader, accelerator, num_classes: int, keep_logits: bool = F
             all_logits.append(logits)
             all_labels.append(labels)
     out = {"loss": loss_sum / max(n, 1), "top1": correct1 / max(n, 1), "n": n, "confusion": confusion,
-           "macro_f1": macro_f1(confusion), "balanced_accuracy": balanced_accuracy(confusion)}
+           "macro_f1": macro_f1(confusion.numpy()), "balanced_accuracy": balanced_accuracy(confusion.numpy())}
     if num_classes > 5:
         out["top5"] = correct5 / max(n, 1)
     if keep_logits:
@@ -54,7 +56,7 @@ def from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
         num_classes, num_classes)
     out = {"loss": F.cross_entropy(logits, labels, reduction="sum").item() / n,
            "top1": (top[:, 0] == labels).sum().item() / n, "n": labels.numel(), "confusion": confusion,
-           "macro_f1": macro_f1(confusion), "balanced_accuracy": balanced_accuracy(confusion)}
+           "macro_f1": macro_f1(confusion.numpy()), "balanced_accuracy": balanced_accuracy(confusion.numpy())}
     if num_classes > 5:
         out["top5"] = (top == labels[:, None]).any(dim=1).sum().item() / n
     return out
@@ -63,27 +65,6 @@ def from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     totals = confusion.sum(dim=1).clamp(min=1)
     return (confusion.diag().float() / totals).tolist()
-
-
-def balanced_accuracy(confusion: torch.Tensor) -> float:
-    """Mean recall over the classes that occur (rows of `confusion` = true class); sklearn's
-    `balanced_accuracy_score`. 0.0 for an empty matrix."""
-    support = confusion.sum(dim=1)
-    present = support > 0
-    if not present.any():
-        return 0.0
-    return (confusion.diag()[present].double() / support[present]).mean().item()
-
-
-def macro_f1(confusion: torch.Tensor) -> float:
-    """Mean F1 = 2 tp / (true + predicted) over the classes that occur as truth or prediction (sklearn's macro
-    average over its labels): a class that occurs but is never predicted correctly scores 0. 0.0 when empty."""
-    tp = confusion.diag().double()
-    seen = confusion.sum(dim=1) + confusion.sum(dim=0)
-    present = seen > 0
-    if not present.any():
-        return 0.0
-    return (2 * tp[present] / seen[present]).mean().item()
 
 
 def scalars(metrics: dict) -> dict:
