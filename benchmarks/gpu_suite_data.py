@@ -74,3 +74,25 @@ def smoke_data(out: Path) -> dict[str, Path]:
     cifar = hub_layout(out / "cifar10", 32, 3, "img", {"train": 120, "test": 40})
     photos = photo_folder(sorted((cifar / "data").glob("train-*.parquet")), out / "photos", 100, 64)
     return {"mnist": mnist, "cifar10": cifar, "photos": photos}
+
+
+def main(argv=None) -> int:
+    """python benchmarks/gpu_suite_data.py OUT [--n 2000] [--size 224] [--shared ../shared]: a photo folder."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="a folder of CIFAR-10 images upscaled to SIZE-px JPEGs, "
+                                            "OUT/{train,val}/<class>/ (one in ten of each class in val)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    args = p.parse_args(argv)
+    files = sorted((args.shared / "data" / "cifar10" / "plain_text").glob("train-*.parquet"))
+    if not files:
+        p.error(f"no CIFAR-10 parquet files under {args.shared}/data/cifar10/plain_text")
+    print(photo_folder(files, args.out, args.n, args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

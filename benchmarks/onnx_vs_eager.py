@@ -29,7 +29,7 @@ import torch
 
 from imgcls.inference.artifact import artifact_path, load_artifact
 from imgcls.inference.export import onnx_proto, write_onnx
-from imgcls.inference.predict import deploy_metadata
+from imgcls.inference.predictor import deploy_metadata
 from imgcls.recipe import load_recipe
 
 log = logging.getLogger("onnx_vs_eager")

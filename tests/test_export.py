@@ -15,7 +15,8 @@ import pytest
 from conftest import SHARED_DATA, needs_real_data, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
 from imgcls.inference.export import main as export_main
-from imgcls.inference.predict import META_KEY, main as predict_main
+from imgcls.inference.predict import main as predict_main
+from imgcls.inference.predictor import META_KEY
 
 ALL = ["--format", "onnx", "torchscript", "torch-export", "--fp16"]
 

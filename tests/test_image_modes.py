@@ -11,7 +11,7 @@ from PIL import Image
 
 from imgcls.data.images import open_image
 from imgcls.data.transforms import Preprocess
-from imgcls.inference.predict import prepare, to_mode
+from imgcls.inference.preprocess import prepare, to_mode
 
 
 def _two(mode: str, values: list) -> Image.Image:

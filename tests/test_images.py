@@ -82,7 +82,7 @@ def test_training_data_is_upright_from_folder_list_and_hub_rows(tmp_path, sidewa
 
 
 def test_predict_preprocessing_sees_the_photo_upright(sideways_png):
-    from imgcls.inference.predict import prepare, read_views
+    from imgcls.inference.preprocess import prepare, read_views
 
     pre = Preprocess.from_data(DataConfig(source="hub", dataset="x", **SPEC)).to_dict()
     views = read_views(str(sideways_png), pre)

@@ -17,7 +17,8 @@ from conftest import REPO, write_class_folders, write_recipe
 from helpers import only_run, train_inprocess
 from imgcls.inference.export import main as export_main
 from imgcls.inference.artifact import load_artifact, save_artifact
-from imgcls.inference.predict import main as predict_main, prepare, read_views, sort_into
+from imgcls.inference.predict import main as predict_main, sort_into
+from imgcls.inference.preprocess import prepare, read_views
 from imgcls.data.transforms import Preprocess
 
 
@@ -244,7 +245,7 @@ def test_a_bug_outside_image_decoding_is_not_reported_as_a_bad_image(models, tmp
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in our preprocessing")
-    monkeypatch.setattr("imgcls.inference.predict.prepare", broken)
+    monkeypatch.setattr("imgcls.inference.preprocess.prepare", broken)
     with pytest.raises(RuntimeError, match="a bug in our preprocessing"):
         predict_main([str(onnx_file), str(images / "a" / "0000.png"), "--output", str(tmp_path / "p.csv")])
 

@@ -15,7 +15,8 @@ from conftest import write_class_folders, write_recipe
 from imgcls.data.classnames import check_class_names
 from imgcls.data.transforms import Preprocess
 from imgcls.inference.export import main as export_main
-from imgcls.inference.predict import META_KEY, main as predict_main
+from imgcls.inference.predict import main as predict_main
+from imgcls.inference.predictor import META_KEY
 from imgcls.models.registry import build_model
 from imgcls.recipe import load_recipe, recipe_to_toml
 from imgcls.inference.artifact import save_artifact

@@ -34,7 +34,7 @@ from imgcls.data.storelock import fill_lock
 from imgcls.data.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
                           working_size)
 from imgcls.data.transforms import Preprocess
-from imgcls.inference.predict import PIL_FILTERS
+from imgcls.inference.preprocess import PIL_FILTERS
 
 OLD_NS = 1_600_000_000 * 10**9  # a fixed past mtime: files that have not changed lately, as real data
 

@@ -37,7 +37,8 @@ from imgcls.inference.calibration import N_BINS, confidence_correct, ece, nll, r
 from imgcls.inference.artifact import artifact_path, load_artifact
 from imgcls.data.loaders import ImageDataset, build_splits
 from imgcls.tracking.plots import confusion_figure, new_figure, render, save_png
-from imgcls.inference.predict import decide, prepare
+from imgcls.inference.predictor import decide
+from imgcls.inference.preprocess import prepare
 from imgcls.recipe import DataConfig, load_recipe
 from imgcls.errors import RecipeError
 from imgcls.data.sources import LOADERS, Split

@@ -41,8 +41,8 @@ import torch
 from imgcls.inference.artifact import artifact_path, read_artifact_config
 from imgcls.data.loaders import build_splits
 from imgcls.data.images import BAD_IMAGE_ERRORS, open_image
-from imgcls.inference.predict import (META_KEY, Predictor, check_outputs, deploy_metadata, expand_inputs,
-                                      load_checked_artifact, load_onnx, prepare, torch_predictor)
+from imgcls.inference.predictor import META_KEY, Predictor, check_outputs, deploy_metadata, expand_inputs, load_checked_artifact, load_onnx, torch_predictor
+from imgcls.inference.preprocess import prepare
 from imgcls.recipe import Recipe, load_recipe
 from imgcls.errors import RecipeError
 from imgcls.errors import ClassNameError, DataError, ModelError

@@ -173,7 +173,7 @@ def trainer_speed(trainer) -> dict:
 def measure_overrides(steps: int, seconds: float) -> list[str]:
     """The trainer phase: `steps` optimizer steps (or `seconds` after setup), logged in about 8 windows; no
     trackers, plots, probe or calibration."""
-    every = max(steps // 8, 1)
+    every = max(steps // 8, 5)  # as benchmarks/ceiling.py
     return [f"train.max_steps={steps}", f"train.max_time={seconds}", f"train.log_every_steps={every}",
             "tracking.backends=[]", "tracking.plots=false", "probe.enabled=false", "train.calibrate=false",
             "train.evaluate_before_train=false", "export.formats=[]"]
