@@ -381,3 +381,14 @@ def test_disk_store_over_shards_reopens_and_a_new_manifest_changes_the_key(tree,
     changed = source_fingerprint(build_splits(shards_cfg(rewritten)).val)
     assert changed["kind"] == "shards" and changed["manifest_sha256"] != source_fingerprint(val)["manifest_sha256"]
     assert changed != source_fingerprint(val)
+
+
+def test_a_file_name_that_is_not_utf8_is_sharded_with_a_readable_key(tree, tmp_path):
+    """#20.17: a Latin-1 file name (bytes 0xE9, not UTF-8) made `imgcls-data shard` fail on the key column
+    (UnicodeEncodeError). Its key keeps the byte as a \\xe9 escape, and the image is sharded like any other."""
+    odd = os.fsencode(tree / "train" / "a") + b"/caf\xe9.png"
+    shutil.copyfile(tree / "train" / "a" / "0000.png", odd)
+    out = tmp_path / "shards"
+    assert shard(tree, out) == 0
+    keys = [k for f in sorted(out.glob("train-*.parquet")) for k in pq.read_table(f).column("key").to_pylist()]
+    assert "train/a/caf\\xe9.png" in keys and len(keys) == 19

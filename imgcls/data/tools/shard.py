@@ -109,13 +109,19 @@ def source_base(cfg) -> str:
 def relative_key(description: str, base: str) -> str:
     """Where an item came from, without the local folders above the source: `train/a/0005.jpg` for
     `/home/me/photos/train/a/0005.jpg` with `base` /home/me/photos, `[train] row 3` for `<hub folder> [train]
-    row 3`; an absolute path elsewhere keeps its file name only (user names and folder layouts stay home)."""
+    row 3`; an absolute path elsewhere keeps its file name only (user names and folder layouts stay home). A
+    file name that is not UTF-8 keeps its odd bytes as backslash-x escapes (`\\xe9`) (Parquet strings are UTF-8)."""
+    key = description
     if base:
         for prefix in dict.fromkeys((base, os.path.abspath(base), os.path.realpath(base))):
-            for sep in ("/", " "):
-                if description.startswith(prefix + sep):
-                    return description[len(prefix) + 1:]
-    return os.path.basename(description) if os.path.isabs(description) else description
+            if any(description.startswith(prefix + sep) for sep in ("/", " ")):
+                key = description[len(prefix) + 1:]
+                break
+        else:
+            key = os.path.basename(description) if os.path.isabs(description) else description
+    elif os.path.isabs(description):
+        key = os.path.basename(description)
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _file_entry(path: Path, count: int) -> dict:
