@@ -12,6 +12,10 @@ the first (start-up and the first batches excluded), which includes every wait f
 same model, optimizer, batch size and loss, on random tensors created once, and times S steps after 10 warm-up
 steps. Prints both speeds per round and the ratio trainer / ceiling; the machine drifts, so only ratios taken in
 the same round are compared. Writes benchmarks/out/ceiling_<name>.json.
+
+CPU only. `imgcls-doctor` (imgcls/training/doctor.py) answers the same question on any device, in one process,
+and adds the input pipeline alone; this script stays as the independent reference it is checked against, with
+its own bare loop and the trainer run as a user runs it: benchmarks/doctor_vs_ceiling.py runs both interleaved.
 """
 from __future__ import annotations
 
