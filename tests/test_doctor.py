@@ -182,3 +182,11 @@ def test_a_trainer_stopped_by_the_time_limit_before_its_first_log_still_gives_a_
     assert report["trainer"]["steps"] == 1 and report["trainer"]["windows"] == 1
     assert 1 <= report["input"]["batches"] < 9  # 10 batches an epoch, the first not timed
     assert all(v > 0 for v in report["images_per_s"].values())
+
+
+def test_a_train_split_of_one_batch_is_a_clear_error_not_a_traceback(tmp_path, image_folder, capsys):
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{image_folder}"')
+    code, report = run_doctor(recipe, "train.global_batch_size=100")  # 160 train images: one batch
+    assert (code, report) == (2, None)
+    assert ("error: imgcls-doctor times the train loader from its second batch on, and it gave fewer than 2 "
+            "batches of 100: use a train split of at least 200 images") in capsys.readouterr().err
