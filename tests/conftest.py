@@ -127,3 +127,35 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "imgcls_cache"))  # data.cache = "disk", folder index
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+
+
+@pytest.fixture(scope="session")
+def _tiny_run_trained_once(tmp_path_factory) -> Path:
+    """One tiny model trained for one epoch per test session (good, not perfect: the temperature has something
+    to fit): <root>/imgs/{train,val,test}/<4 classes>/ (40/10/10 a class, 16 px) and <root>/runs/tiny/<run>/."""
+    from helpers import train_inprocess
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
+        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
+    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
+    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(_tiny_run_trained_once, tmp_path_factory) -> Path:
+    """This test module's own copy of the session's trained run folder (what one module writes into it, such
+    as an export, another never sees); its recipe still reads the session's images."""
+    import shutil
+
+    from helpers import only_run
+
+    run = only_run(_tiny_run_trained_once / "runs")
+    return Path(shutil.copytree(run, tmp_path_factory.mktemp("tiny_run") / run.name))
+
+
+@pytest.fixture(scope="session")
+def tiny_images(_tiny_run_trained_once) -> Path:
+    """The session's image folder (imgs/ with train, val, test): read it, do not write into it."""
+    return _tiny_run_trained_once / "imgs"

@@ -8,22 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_class_folders, write_recipe
-from helpers import only_run, train_inprocess
+from conftest import write_class_folders
 from imgcls.training.calibration import calibrate, fit_temperature
 from imgcls.inference.calibration import ece, softmax
 from imgcls.inference.evaluate import main as eval_main, per_class_scores
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model trained for one epoch (good, not perfect: the temperature has something to fit)."""
-    root = tmp_path_factory.mktemp("evaluate")
-    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
-        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
-    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
-    return only_run(root / "runs")
+def run(tiny_run):
+    """The session's tiny model (conftest.tiny_run): one epoch, good, not perfect, so the temperature has
+    something to fit."""
+    return tiny_run
 
 
 # ---------------------------------------------------------------- calibration
@@ -185,9 +180,10 @@ def test_eval_on_an_image_folder_with_some_of_the_classes(run, tmp_path, capsys)
     assert "['zebra']" in capsys.readouterr().err
 
 
-def test_eval_names_its_outputs_after_what_was_evaluated_and_never_overwrites_another_report(run, tmp_path):
+def test_eval_names_its_outputs_after_what_was_evaluated_and_never_overwrites_another_report(run, tiny_images,
+                                                                                              tmp_path):
     best, out = run / "model" / "best", tmp_path / "out"
-    images = run.parents[2] / "imgs"  # the training data: train/val/test class folders
+    images = tiny_images  # the training data: train/val/test class folders
 
     def report(name):
         return json.loads((out / name).read_text())

@@ -22,14 +22,10 @@ ALL = ["--format", "onnx", "torchscript", "torch-export", "--fp16"]
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """A tiny model trained for one epoch on the `image_folder` layout (train/val/test, 4 classes, 16 px)."""
-    root = tmp_path_factory.mktemp("export")
-    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
-        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
-    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
-    return only_run(root / "runs") / "model" / "best"
+def artifact(tiny_run):
+    """The session's tiny model (conftest.tiny_run: one epoch, train/val/test, 4 classes, 16 px), this module's
+    copy."""
+    return tiny_run / "model" / "best"
 
 
 @pytest.fixture(scope="module")

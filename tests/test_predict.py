@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, write_class_folders, write_recipe
-from helpers import only_run, train_inprocess
+from conftest import REPO, write_class_folders
 from imgcls.inference.export import main as export_main
 from imgcls.inference.artifact import load_artifact, save_artifact
 from imgcls.inference.predict import main as predict_main, sort_into
@@ -23,16 +22,12 @@ from imgcls.data.transforms import Preprocess
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(artifact, its ONNX export, a folder of 40 unseen images in class folders)."""
-    root = tmp_path_factory.mktemp("predict")
-    for split, n, seed in (("train", 40, 0), ("val", 10, 1), ("test", 10, 2)):
-        write_class_folders(root / "imgs" / split, ["a", "b", "c", "d"], n, seed=seed)
-    recipe = write_recipe(root / "tiny.toml", f'source = "folder"\nroot = "{root / "imgs"}"')
-    assert train_inprocess(recipe, "train.epochs=1", "tracking.plots=false") == 0
-    best = only_run(root / "runs") / "model" / "best"
+def models(tiny_run, tiny_images):
+    """(artifact, its ONNX export, a folder of 40 unseen images in class folders): the session's tiny model
+    (conftest.tiny_run), this module's copy."""
+    best = tiny_run / "model" / "best"
     assert export_main([str(best), "--format", "onnx", "--parity-images", "8"]) == 0
-    return best, best / "export" / "model.onnx", root / "imgs" / "test"
+    return best, best / "export" / "model.onnx", tiny_images / "test"
 
 
 def run_predict(*args, tmp_path, name="out.jsonl") -> list[dict]:
