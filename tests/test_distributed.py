@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_recipe
+from conftest import write_class_folders, write_recipe
 from helpers import (metrics_rows, only_run, relative_files, stable_rows, subprocess_env, train_cmd, train_inprocess,
                      wait_for_checkpoint, weights)
 from imgcls.train import EXIT_PREEMPTED
@@ -232,3 +232,46 @@ def test_fsdp_is_refused_with_what_to_use_instead(tmp_path, image_folder, monkey
         "(accelerate_configs/multi_gpu.yaml or multi_gpu_bf16.yaml); for a model too large for one GPU, use "
         "train.mixed_precision=\"bf16\" and a smaller global batch with train.grad_accum_steps.")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_image_check_decodes_on_one_process_per_machine(tmp_path):
+    """#19.9: every process decoded every image in the up-front check (8 processes x the whole dataset). The
+    node's main process checks first; the others then find its result in the cache and decode nothing."""
+    write_class_folders(tmp_path / "imgs" / "train", ["a", "b", "c", "d"], 60, seed=0)
+    write_class_folders(tmp_path / "imgs" / "val", ["a", "b", "c", "d"], 10, seed=1)
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{tmp_path / "imgs"}"')
+    recipe.write_text(recipe.read_text().replace("epochs = 3", "epochs = 1"))
+    wrapper = tmp_path / "count_decodes.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "import imgcls.data.scan as scan\n"
+        "real = scan._decode_all\n"
+        "def counted(splits, which):\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'decoded-' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(f'{sum(len(splits[k]) for k in which)}\\n')\n"
+        "    return real(splits, which)\n"
+        "scan._decode_all = counted\n"
+        "from imgcls.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = cpu_env()
+    env["IMGCLS_CACHE"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(wrapper), str(recipe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decoded = {rank: sum(map(int, (tmp_path / f"decoded-{rank}").read_text().split())) for rank in ("0", "1")}
+    assert decoded == {"0": 280, "1": 0}
+
+
+def test_a_data_error_found_first_by_the_main_process_stops_every_process(tmp_path):
+    """The main process checks first; when it finds a broken image nobody waits forever at the barrier: every
+    process reports the same error and the job ends (status 1 from accelerate, the trainer's 2 in the log)."""
+    write_class_folders(tmp_path / "imgs" / "train", ["a", "b"], 20, seed=0)
+    write_class_folders(tmp_path / "imgs" / "val", ["a", "b"], 4, seed=1)
+    (tmp_path / "imgs" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{tmp_path / "imgs"}"')
+    done = subprocess.run(launch_cmd(recipe, "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                                     str(free_port())), capture_output=True, text=True, env=cpu_env(),
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count('error: data.on_bad_image = "error": 1 unreadable image:') == 2, done.stderr[-3000:]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -11,6 +13,8 @@ from imgcls.data.pool import usable_cores
 from imgcls.training.preflight import init_distributed_state
 from imgcls.errors import RecipeError
 from imgcls.recipe import TrainConfig, per_device_batch  # noqa: F401 (per_device_batch: imported from here too)
+
+T = TypeVar("T")
 
 
 FSDP_REFUSED = (
@@ -74,3 +78,24 @@ def apply_cpu_threads(device: torch.device, setting: int | str) -> str | None:
     return (f"computing on the CPU with {threads} thread(s) per process ({how}; "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} is overridden); "
             f"set train.cpu_threads=N to change it")
+
+
+def local_main_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """`work()` on this machine's main process first, then on the others, which find what it cached (the image
+    check, the folder index, downloaded weights) instead of doing it again (8 processes decoded every image 8
+    times). No process waits forever on another's failure: the main process passes the barrier with its error
+    held, the others run `work()` themselves (meeting the same error, or not), and then it raises it."""
+    if accelerator.num_processes == 1:
+        return work()
+    error: BaseException | None = None
+    if accelerator.is_local_main_process:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 (raised again below, after the barrier)
+            error = e
+    accelerator.wait_for_everyone()
+    if not accelerator.is_local_main_process:
+        result = work()
+    if error is not None:
+        raise error
+    return result

@@ -27,7 +27,7 @@ from imgcls.models.weights import set_train_mode
 from imgcls.recipe import Recipe, recipe_to_toml
 from imgcls.tracking.runlog import RunLog
 from imgcls.training import checkpoint as ckpt
-from imgcls.training.distributed import apply_cpu_threads, bf16_cpu_warning, create_accelerator
+from imgcls.training.distributed import apply_cpu_threads, bf16_cpu_warning, create_accelerator, local_main_first
 from imgcls.training.guards import Deadline, NonFiniteGuard, NonFiniteSteps
 from imgcls.training.optim import build_optimizer, build_scheduler
 from imgcls.training.plan import Plan, make_plan
@@ -272,7 +272,7 @@ def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
         log.info(note)
     check_gpu_decode(recipe.data, accelerator.device)
     set_seed(recipe.seed)
-    plan = make_plan(recipe, accelerator.num_processes)
+    plan = local_main_first(accelerator, lambda: make_plan(recipe, accelerator.num_processes))
     recipe = plan.recipe  # with the pretrained weights' own preprocessing where the recipe left it unset
     if dry_run:
         if accelerator.is_main_process:
