@@ -18,12 +18,13 @@ CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reas
 
 
 def tiny_recipe(tmp_path: Path, image_folder: Path, runs: str, train: str = "", data: str = "",
-                augment: str = "crop_padding = 2\nhflip = 0.5") -> Path:
+                augment: str = "crop_padding = 2\nhflip = 0.5", dropout: float = 0.2) -> Path:
     """conftest's tiny recipe (160 train images, batch 16: 10 steps per epoch, 3 epochs) with dropout and
-    augmentation on, a checkpoint every 3 steps; `train` lines go into [train], `data` lines into [data]."""
+    augmentation on (so RNG state and data position both matter), a checkpoint every 3 steps; `train` lines go
+    into [train], `data` lines into [data]."""
     recipe = write_recipe(tmp_path / f"{runs}.toml", f'source = "folder"\nroot = "{image_folder}"\n{data}',
                           "every_steps = 3\nkeep_last = 3", output_dir=tmp_path / runs, augment=augment)
-    text = recipe.read_text().replace("dropout = 0.0", "dropout = 0.2")
+    text = recipe.read_text().replace("dropout = 0.0", f"dropout = {dropout}")
     recipe.write_text(text.replace("[train]", f"[train]\n{train}"))
     return recipe
 

@@ -112,9 +112,11 @@ def test_fp16_scaler_is_saved_restored_and_used_after_a_sigkill_resume(tmp_path,
 
 def test_torch_compile_on_cuda_gives_the_eager_losses(tmp_path, image_folder):
     """The first window (5 steps) within fp32 re-association of the fused kernels; later windows within 2 %:
-    differences of 1e-6 grow through 30 SGD steps with momentum."""
+    differences of 1e-6 grow through 30 SGD steps with momentum. Dropout off: compiled code draws its own
+    random numbers, so its masks are not eager's."""
     for name, flag in (("eager", "false"), ("compiled", "true")):
-        done = run_train(tiny_recipe(tmp_path, image_folder, name, f"compile = {flag}"), timeout=300)
+        recipe = tiny_recipe(tmp_path, image_folder, name, f"compile = {flag}", dropout=0.0)
+        done = run_train(recipe, timeout=300)
         assert done.returncode == 0, done.stderr
     eager, compiled = (train_losses(only_run(tmp_path / n)) for n in ("eager", "compiled"))
     assert len(eager) == len(compiled) == 6  # steps 5, 10, ..., 30
