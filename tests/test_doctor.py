@@ -4,6 +4,8 @@ arithmetic on given numbers."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import write_recipe
+from helpers import subprocess_env
 from imgcls.doctor import main as doctor_main
 from imgcls.recipe import load_recipe
 from imgcls.training.doctor_advice import LIMITS, advise, name_limit
@@ -190,3 +193,18 @@ def test_a_train_split_of_one_batch_is_a_clear_error_not_a_traceback(tmp_path, i
     assert (code, report) == (2, None)
     assert ("error: imgcls-doctor times the train loader from its second batch on, and it gave fewer than 2 "
             "batches of 100: use a train split of at least 200 images") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_are_refused_one_device_is_measured(tmp_path, image_folder):
+    """Under a 2-process launch each process would measure its own device and both would write the report."""
+    recipe = write_recipe(tmp_path / "r.toml", f'source = "folder"\nroot = "{image_folder}"')
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "IMGCLS_PREFLIGHT_TIMEOUT": "120"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "imgcls.doctor", str(recipe), "--report", str(tmp_path / "d.json")],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert ("error: imgcls-doctor measures one device in one process, and this is process 0 of 2: run it as "
+            "imgcls-doctor RECIPE (or python -m imgcls.doctor RECIPE), not under accelerate launch or torchrun"
+            ) in done.stderr
+    assert not (tmp_path / "d.json").exists()

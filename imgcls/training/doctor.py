@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from imgcls.data.gpu_decode import check_gpu_decode
 from imgcls.data.loaders import make_loader
 from imgcls.data.pool import usable_cores
-from imgcls.errors import DataError
+from imgcls.errors import DataError, RecipeError
 from imgcls.recipe import Recipe, load_recipe
 from imgcls.training.distributed import apply_cpu_threads, create_accelerator
 from imgcls.training.doctor_advice import advise, name_limit
@@ -190,6 +190,10 @@ def diagnose(trainer_cls: type, recipe_path: str, overrides: list[str], steps: i
     recipe = load_recipe(recipe_path, [*overrides, *measure_overrides(steps, seconds)])
     started = time.perf_counter()
     accelerator = create_accelerator(recipe.train, recipe.seed)  # refuses fp16 on the CPU, as train does
+    if accelerator.num_processes > 1:
+        raise RecipeError(f"imgcls-doctor measures one device in one process, and this is process "
+                          f"{accelerator.process_index} of {accelerator.num_processes}: run it as imgcls-doctor RECIPE "
+                          f"(or python -m imgcls.doctor RECIPE), not under accelerate launch or torchrun")
     device = accelerator.device
     apply_cpu_threads(device, recipe.train.cpu_threads)
     check_gpu_decode(recipe.data, device)  # refuses data.decode = "gpu" without CUDA, as train does
