@@ -17,7 +17,6 @@ from pathlib import Path
 
 from imgcls.errors import CheckpointError, DataError, NonFiniteLoss, PreflightError, RecipeError, ShardError
 from imgcls.exitcodes import EXIT_USAGE
-from imgcls.train import Trainer
 from imgcls.training.doctor import diagnose
 from imgcls.training.doctor_advice import LIMITS
 
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        report = diagnose(Trainer, args.recipe, args.overrides, args.steps, args.seconds)
+        report = diagnose(args.recipe, args.overrides, args.steps, args.seconds)
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,6 +1,6 @@
 """imgcls-doctor's measurements: is the device waiting for data? Three speeds of one recipe, in one process:
 
-    report = diagnose(Trainer, recipe_path, overrides, steps=100, seconds=20)   # imgcls/doctor.py: the command
+    report = diagnose(recipe_path, overrides, steps=100, seconds=20)   # imgcls/doctor.py is the command
 
 - bare: the recipe's model alone (as planned: weights, frozen parts) in a bare loop on random tensors already on
   the device, at the per-device batch, with the recipe's precision (autocast; fp16 with a gradient scaler),
@@ -37,6 +37,7 @@ from imgcls.training.distributed import apply_cpu_threads, create_accelerator
 from imgcls.training.doctor_advice import advise, name_limit
 from imgcls.training.optim import build_optimizer
 from imgcls.training.plan import make_plan
+from imgcls.training.trainer import Trainer
 
 WARMUP_STEPS = 5
 WARMUP_SECONDS = 2.0  # and at least this long: the first steps in a process pay one-off costs (allocator, kernels)
@@ -104,7 +105,7 @@ def bare_loop(model: torch.nn.Module, recipe: Recipe, device: torch.device, prec
     return batch / step_s
 
 
-def input_pipeline(trainer, batch: int, steps: int, seconds: float) -> dict:
+def input_pipeline(trainer: Trainer, batch: int, steps: int, seconds: float) -> dict:
     """The trainer's train dataset through a loader of its own (the recipe's workers, cache, decode and sampler)
     and onto the device as the loop does (decode there, augment, normalize); no model. images_per_s counts both,
     fetch_images_per_s the loader alone; first_batch_s is the loader's start (workers, first reads)."""
@@ -146,9 +147,8 @@ def input_pipeline(trainer, batch: int, steps: int, seconds: float) -> dict:
             "prepare_images_per_s": images / max(prepare, 1e-9), "batches": n, "first_batch_s": first_batch_s}
 
 
-class Unsaved:
-    """Mixed into the Trainer: it trains as it does, without evaluation and checkpoints (the doctor measures
-    steps). The Trainer class is handed in by the command (imgcls/doctor.py): training/ never imports the CLIs."""
+class MeasuredTrainer(Trainer):
+    """The Trainer as it trains, without evaluation and checkpoints: the doctor measures its steps."""
 
     def validate(self, epoch: int) -> None:
         pass
@@ -157,7 +157,7 @@ class Unsaved:
         pass
 
 
-def trainer_speed(trainer) -> dict:
+def trainer_speed(trainer: Trainer) -> dict:
     """Run the trainer's own epochs until its max_steps/max_time; median of its logged windows after the first."""
     while not trainer.done:
         trainer.train_epoch()
@@ -182,10 +182,8 @@ def measure_overrides(steps: int, seconds: float) -> list[str]:
             "train.evaluate_before_train=false", "export.formats=[]"]
 
 
-def diagnose(trainer_cls: type, recipe_path: str, overrides: list[str], steps: int = 100,
-             seconds: float = 20.0) -> dict:
-    """The three speeds of the recipe on this process's device, the limit and the advice, as one JSON-able dict.
-    `trainer_cls`: `imgcls.train.Trainer`."""
+def diagnose(recipe_path: str, overrides: list[str], steps: int = 100, seconds: float = 20.0) -> dict:
+    """The three speeds of the recipe on this process's device, the limit and the advice, as one JSON-able dict."""
     user = load_recipe(recipe_path, overrides)
     recipe = load_recipe(recipe_path, [*overrides, *measure_overrides(steps, seconds)])
     started = time.perf_counter()
@@ -207,7 +205,7 @@ def diagnose(trainer_cls: type, recipe_path: str, overrides: list[str], steps: i
                          plan.num_classes, steps, seconds / 4 if kw else seconds, **kw)
     speeds = {"bare": bare()}
     with tempfile.TemporaryDirectory(prefix="imgcls-doctor-") as tmp:
-        trainer = type("MeasuredTrainer", (Unsaved, trainer_cls), {})(recipe, accelerator, plan, Path(tmp), None)
+        trainer = MeasuredTrainer(recipe, accelerator, plan, Path(tmp), None)
         try:
             trainer.setup()
             inputs = input_pipeline(trainer, batch, steps, seconds)
