@@ -28,7 +28,7 @@ import onnxruntime as ort
 import torch
 
 from imgcls.inference.artifact import artifact_path, load_artifact
-from imgcls.inference.export import onnx_proto, write_onnx
+from imgcls.inference.exporters import onnx_proto, write_onnx
 from imgcls.inference.predictor import deploy_metadata
 from imgcls.recipe import load_recipe
 
