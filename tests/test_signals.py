@@ -1,7 +1,7 @@
 """Stop signals through the launchers, with real processes: Ctrl-C or SIGTERM reaches the training processes,
 which finish the step, save a checkpoint and exit 75 (EXIT_PREEMPTED). imgcls-launch passes that status on with
 no traceback. Under a bare `accelerate launch` the checkpoint and the resume command are imgcls's and are tested
-as strictly; accelerate's own status (documented in the README) depends on its version, and the tests accept what
+as strictly; accelerate's own status (documented in docs/distributed.md) depends on its version, and the tests accept what
 the versions pyproject allows give (accelerate>=1.4: 1.4.0 and 1.16.0 were run)."""
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_ctrl_c_under_imgcls_launch_exits_75_without_a_traceback(tmp_path, image
 
 def test_ctrl_c_under_bare_accelerate_launch_still_saves_a_checkpoint_and_prints_the_resume_command(tmp_path,
                                                                                                    image_folder):
-    """What the README documents for one process: the trainer saves the checkpoint and prints the resume command
+    """What docs/distributed.md documents for one process: the trainer saves the checkpoint and prints the resume command
     whatever accelerate does; accelerate's own status and traceback depend on its version."""
     recipe = make_recipe(tmp_path, image_folder, "runs")
     flags = ["--config_file", str(CONFIGS / "cpu.yaml")]
@@ -143,7 +143,7 @@ def test_sigterm_stops_two_processes_with_75_and_the_resumed_run_equals_a_straig
 @pytest.mark.parametrize("shutdown_timeout, saved", [("120", True), ("0", False)])
 def test_sigterm_under_bare_accelerate_two_processes_waits_the_shutdown_timeout(tmp_path, image_folder,
                                                                                 shutdown_timeout, saved):
-    """What the README documents for several processes: torch elastic passes the signal on, waits
+    """What docs/distributed.md documents for several processes: torch elastic passes the signal on, waits
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for the workers (who save and exit 75), SIGKILLs any left, then
     accelerate exits with a status that depends on its version. With 0 s the workers die before they can save."""
     recipe = make_recipe(tmp_path, image_folder, "runs")
