@@ -17,9 +17,8 @@ from imgcls.data.loaders import build_splits, make_datasets, make_loader, train_
 from imgcls.data.imbalance import BalancedSampler, class_weights, describe_weights, split_labels
 from imgcls.training.metrics import balanced_accuracy, macro_f1, scalars
 from imgcls.recipe import DataConfig, load_recipe
-from imgcls.errors import RecipeError
+from imgcls.errors import DataError, RecipeError
 from imgcls.data.split import Split
-from imgcls.errors import DataError
 
 SKEW = {"a": 72, "b": 72, "c": 8, "d": 8}  # 160 train images: 10 steps of 16 per epoch
 

@@ -16,9 +16,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from imgcls.training.preflight import Expected, preflight_timeout, rendezvous_failure_message
-from imgcls.errors import PreflightError
+from imgcls.errors import PreflightError, RecipeError
 from imgcls.recipe import load_recipe
-from imgcls.errors import RecipeError
 from launcher import launch
 from launcher.launch import (PLACEHOLDER_ADDRESS, SHUTDOWN_ENV, SHUTDOWN_TIMEOUT_S, build_command, expand_nodelist,
                              main, slurm_environment)

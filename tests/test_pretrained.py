@@ -25,9 +25,8 @@ from imgcls.models import pretrained
 from imgcls.models.registry import build_model, check_model_args
 from imgcls.training.plan import make_plan
 from imgcls.training.preprocess import pretrained_preprocess
-from imgcls.errors import WeightsError
+from imgcls.errors import RecipeError, WeightsError
 from imgcls.recipe import ModelConfig, load_recipe, recipe_to_toml
-from imgcls.errors import RecipeError
 from imgcls.train import main as train_main
 from imgcls.data.transforms import Preprocess
 from imgcls.models.weights import load_weights

@@ -37,8 +37,7 @@ from imgcls.recipe import DataConfig, load_recipe
 from imgcls.data.scan import check_images
 from imgcls.data.shard_cache import ShardCache, download_lock
 from imgcls.data.shards import load_shards, shard_counts
-from imgcls.errors import ShardError
-from imgcls.errors import DataError
+from imgcls.errors import DataError, ShardError
 from imgcls.data.store import DecodingImages, open_store
 from imgcls.data.transforms import Preprocess
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imgcls.data.augment import BatchAugment, normalize
 from imgcls.data.classnames import check_class_names
-from imgcls.errors import ClassNameError
+from imgcls.errors import ClassNameError, DataError
 from imgcls.data.gpu_decode import EncodedBatch, EncodedImages, decode_batch
 from imgcls.data.hub import streaming_refusal
 from imgcls.data.imbalance import BalancedSampler, split_labels
@@ -29,7 +29,6 @@ from imgcls.data.scan import check_images
 from imgcls.data.shard_order import ShardOrderSampler
 from imgcls.data.shards import shard_counts
 from imgcls.data.sources import SOURCES, TEST_NAMES, VAL_NAMES, Split
-from imgcls.errors import DataError
 from imgcls.data.store import keep_batch, open_store
 from imgcls.data.transforms import Preprocess
 

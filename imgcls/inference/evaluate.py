@@ -40,9 +40,8 @@ from imgcls.tracking.plots import confusion_figure, new_figure, render, save_png
 from imgcls.inference.predictor import decide
 from imgcls.inference.preprocess import prepare
 from imgcls.recipe import DataConfig, load_recipe
-from imgcls.errors import RecipeError
+from imgcls.errors import DataError, RecipeError
 from imgcls.data.sources import LOADERS, Split
-from imgcls.errors import DataError
 from imgcls.data.transforms import Preprocess
 from imgcls.inference.scores import macro_scores, per_class_scores
 

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from imgcls.data.classnames import check_class_names
-from imgcls.errors import ClassNameError
+from imgcls.errors import ClassNameError, DataError
 from imgcls.data.loaders import carve_val, pick_split
 from imgcls.data.hub import streaming_refusal
 from imgcls.data.images import BAD_IMAGE_ERRORS, set_max_image_pixels
@@ -33,7 +33,6 @@ from imgcls.recipe import DataConfig
 from imgcls.data.scan import CHUNK, find_unreadable
 from imgcls.data.sources import SOURCES, TEST_NAMES, VAL_NAMES
 from imgcls.data.split import Split
-from imgcls.errors import DataError
 from imgcls.data.store import working_size
 from imgcls.data.transforms import Preprocess
 

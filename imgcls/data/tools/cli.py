@@ -15,9 +15,7 @@ import importlib
 import sys
 
 from imgcls.exitcodes import EXIT_USAGE
-from imgcls.errors import RecipeError
-from imgcls.errors import ShardError
-from imgcls.errors import DataError
+from imgcls.errors import DataError, RecipeError, ShardError
 
 COMMANDS = ("mnist", "check", "stats", "shard")
 
