@@ -106,6 +106,12 @@ def replace_labels(out: Path, split: str, data: bytes) -> None:
     write_manifest(out, manifest)
 
 
+def npy_bytes(labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, labels)
+    return buf.getvalue()
+
+
 def flip_image_byte(path: Path) -> bytes:
     """One byte inside the first image of a shard flipped (the Parquet still parses): the changed bytes."""
     data = bytearray(path.read_bytes())
@@ -165,12 +171,11 @@ def test_the_labels_file_is_hashed_in_the_manifest(out):
                                                              "sha256": sha(data)}
     labels = np.load(out / "train.labels.npy")
     labels[[0, 17]] = labels[[17, 0]]
-    buf = io.BytesIO()
-    np.save(buf, labels)
-    (out / "train.labels.npy").write_bytes(buf.getvalue())  # relabelled, the manifest not told
+    relabelled = npy_bytes(labels)
+    (out / "train.labels.npy").write_bytes(relabelled)  # the manifest not told
     with pytest.raises(DataError) as e:
         load_shards(shards_cfg(out))
-    assert str(e.value) == (f"{out}/train.labels.npy: sha256 {sha(buf.getvalue())}, but manifest.json says "
+    assert str(e.value) == (f"{out}/train.labels.npy: sha256 {sha(relabelled)}, but manifest.json says "
                             f"{sha(data)}: the labels changed after the shards were written; write the shards "
                             f"anew with `imgcls-data shard`")
 
@@ -178,9 +183,7 @@ def test_the_labels_file_is_hashed_in_the_manifest(out):
 def test_labels_that_disagree_with_the_shards_label_column_name_the_shard(out):
     labels = np.load(out / "train.labels.npy")
     labels[5] = (labels[5] + 1) % 3
-    buf = io.BytesIO()
-    np.save(buf, labels)
-    replace_labels(out, "train", buf.getvalue())  # a manifest written to match: only the shard disagrees
+    replace_labels(out, "train", npy_bytes(labels))  # a manifest written to match: only the shard disagrees
     train = load_shards(shards_cfg(out))[0]["train"]
     assert train.reader.raw(0)
     with pytest.raises(ShardError) as e:
