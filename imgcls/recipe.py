@@ -8,6 +8,7 @@ launcher validates recipes before any process starts.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import unicodedata
 from pathlib import Path
@@ -104,6 +105,9 @@ HUB_KEYS = {"dataset", "config", "revision"}
 FOLDER_KEYS = {"root"}
 LIST_KEYS = {"train_list", "val_list", "test_list", "separator", "class_names", "labels_are_indices"}
 SHARD_KEYS = {"shard_cache_dir", "shard_cache_gb"}
+# a branch, tag or commit: huggingface_hub keeps a ref as <cache>/refs/<revision> and reads it back offline, so
+# '..' or a leading '/' would reach outside the cache (git's own ref-name rules, the part that matters here)
+GIT_REF = re.compile(r"(?![-/.])(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*\.lock$)(?!.*/$)[A-Za-z0-9._/-]+")
 FOREIGN_KEYS = {"hub": FOLDER_KEYS | LIST_KEYS | SHARD_KEYS, "folder": HUB_KEYS | LIST_KEYS | SHARD_KEYS,
                 "listfile": HUB_KEYS | SHARD_KEYS, "shards": HUB_KEYS | LIST_KEYS}
 
@@ -163,6 +167,14 @@ class DataConfig(Section):
     # [height, width] of the stored train images, which augmentation crops from; [] = image_size (divided by
     # crop_pct when < 1). A random-resized-crop recipe may store larger images to zoom into.
     working_size: list[Side] = []
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_a_ref(cls, v: str) -> str:
+        if v and not GIT_REF.fullmatch(v):
+            raise ValueError("must be a branch, tag or commit of the dataset repository (letters, digits, '.', '_', "
+                             "'-' and '/' between names; no '..', no leading '-', '/' or '.', no '.lock' ending)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":

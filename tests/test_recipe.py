@@ -369,3 +369,20 @@ def test_a_table_nested_too_deeply_is_one_clear_error(tmp_path, where):
 def test_a_table_nested_deeper_than_a_recipe_needs_is_refused(tmp_path):
     path = minimal(tmp_path, "[model]\nargs = " + "{ a = " * 40 + "1" + " }" * 40)
     assert one_problem(path) == "model.args: tables and arrays nested more than 32 levels deep; no recipe key needs that"
+
+
+@pytest.mark.parametrize("revision", ["../../outside", "main/../../x", "/etc/passwd", "v1\\x", "a b", "-rf", "x.lock"])
+def test_a_hub_revision_that_is_not_a_git_ref_or_commit_is_refused(tmp_path, revision):
+    # huggingface_hub stores a ref as <cache>/refs/<revision> and reads it back offline: a revision with '..'
+    # would make it read and write outside the cache
+    path = minimal(tmp_path)
+    head, found = problems(path, [f"data.revision={revision}"])
+    assert found == [f"data.revision: must be a branch, tag or commit of the dataset repository (letters, digits, "
+                     f"'.', '_', '-' and '/' between names; no '..', no leading '-', '/' or '.', no '.lock' "
+                     f"ending) (got {revision!r})"]
+
+
+@pytest.mark.parametrize("revision", ["", "main", "refs/pr/3", "v1.0.2", "release/2024-01_a",
+                                      "3f9e0c0f2a1b4c5d6e7f8a9b0c1d2e3f4a5b6c7d"])
+def test_git_ref_and_commit_revisions_are_accepted(tmp_path, revision):
+    assert load_recipe(minimal(tmp_path), [f"data.revision={revision}"]).data.revision == revision
