@@ -14,6 +14,7 @@ import torch
 from conftest import write_class_folders, write_recipe
 from imgcls.data.classnames import check_class_names
 from imgcls.data.transforms import Preprocess
+from imgcls.inference.evaluate import main as eval_main
 from imgcls.inference.export import main as export_main
 from imgcls.inference.predict import main as predict_main
 from imgcls.inference.predictor import META_KEY
@@ -130,6 +131,27 @@ def test_an_artifact_with_fewer_class_names_than_outputs_is_refused_at_load(arti
     assert not out.exists()
     assert export_main([str(bad), "--format", "onnx", "--out", str(tmp_path / "export")]) == 2
     assert "the model has 4 outputs but config.json lists 2 class names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c", "d", "e", "f"]])
+def test_imgcls_eval_refuses_an_artifact_whose_class_names_do_not_fit_its_outputs(artifact, tmp_path, capsys, names):
+    bad = _with_names(artifact, tmp_path / "bad", names)
+    out = tmp_path / "eval"
+    assert eval_main([str(bad), "--data", str(artifact.parents[1] / "imgs" / "val"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {bad}: the model has 4 outputs but config.json lists {len(names)} class names; an artifact needs "
+        f"one class name per output\n")
+    assert not out.exists()
+
+
+def test_imgcls_eval_refuses_weights_that_are_not_safetensors(artifact, tmp_path, capsys):
+    bad = Path(shutil.copytree(artifact, tmp_path / "bad", ignore=shutil.ignore_patterns("export", "eval")))
+    (bad / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors")
+    assert eval_main([str(bad), "--data", str(artifact.parents[1] / "imgs" / "val"),
+                      "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad / 'model.safetensors'}: not the weights of the model its config.json "
+                          f"describes (") and err.count("\n") == 1
 
 
 def test_an_onnx_file_with_fewer_class_names_than_outputs_is_refused(artifact, tmp_path, capsys):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -34,13 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from imgcls.inference.calibration import N_BINS, confidence_correct, ece, nll, reliability, softmax
-from imgcls.inference.artifact import artifact_path, load_artifact
+from imgcls.atomic import write_json
 from imgcls.data.loaders import ImageDataset, build_splits
 from imgcls.tracking.plots import confusion_figure, new_figure, render, save_png
-from imgcls.inference.predictor import decide
+from imgcls.inference.predictor import decide, load_checked_artifact
 from imgcls.inference.preprocess import prepare
 from imgcls.recipe import DataConfig, load_recipe
-from imgcls.errors import DataError, RecipeError
+from imgcls.errors import DataError, ModelError, RecipeError
 from imgcls.data.sources import LOADERS, Split
 from imgcls.data.transforms import Preprocess
 from imgcls.inference.scores import macro_scores, per_class_scores
@@ -207,8 +206,7 @@ def summary(report: dict) -> str:
 
 
 def evaluate_artifact(artifact: str, data: str | None, split: str, out: Path | None, batch_size: int) -> dict:
-    folder = artifact_path(artifact)
-    model, config = load_artifact(folder)
+    model, config, folder = load_checked_artifact(artifact)  # class names that fit the outputs, safetensors
     pre = config["preprocess"]
     evaluated = load_split(data, folder, pre, split)
     mapping = label_map(evaluated.names, config["class_names"])
@@ -224,9 +222,7 @@ def evaluate_artifact(artifact: str, data: str | None, split: str, out: Path | N
     plot_confusion(report["confusion"], config["class_names"], tag, out / f"confusion_{tag}.png")
     plot_reliability(report, out / f"reliability_{tag}.png")
     path = out / f"eval_{tag}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_json(path, report, indent=2)
     log.info("wrote %s, confusion_%s.png, reliability_%s.png in %s", path.name, tag, tag, out)
     return report
 
@@ -249,7 +245,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = evaluate_artifact(args.artifact, args.data, args.split, args.out, args.batch_size)
-    except (FileNotFoundError, RecipeError, DataError) as e:
+    except (FileNotFoundError, RecipeError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(report))
