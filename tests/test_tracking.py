@@ -186,12 +186,13 @@ def test_missing_tracker_package_is_named_with_the_install_command(monkeypatch, 
 
 class _Tracker:
     def __init__(self, name: str, broken: bool = False):
-        self.name, self.broken, self.logged = name, broken, []
+        self.name, self.broken, self.logged, self.commits = name, broken, [], []
 
-    def log(self, values, step=None):
+    def log(self, values, step=None, **kwargs):
         if self.broken:
             raise ConnectionError("server went away")
-        self.logged.append((step, values))
+        self.logged.append((step, dict(values)))
+        self.commits.append(kwargs.get("commit"))
 
     def finish(self):
         pass
@@ -209,6 +210,136 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_logging_goes_on(tmp_path, i
     assert good.logged == [(10, {"val/top1": 0.5, "val/per_class_top1/a": 1.0, "val/per_class_top1/b": 0.0}),
                            (20, {"val/top1": 0.75})]
     assert [r["step"] for r in metrics_rows(tmp_path)] == [10, 20]
+
+
+def test_wandb_gets_one_committed_row_per_step_and_tensorboard_each_event(tmp_path, image_folder):
+    """W&B: the events of a step are merged here and sent once, with commit=True, when the step changes or at
+    close (wandb would otherwise hold the last step open until the run's exit, and drop a step's later events
+    once anything committed it). TensorBoard: every event as it comes, as before."""
+    recipe = load_recipe(write_recipe(tmp_path / "tiny.toml", f'source = "folder"\nroot = "{image_folder}"'))
+    wandb, board = _Tracker("wandb"), _Tracker("tensorboard")
+    runlog = RunLog(SimpleNamespace(is_main_process=True, trackers=[wandb, board]), recipe, tmp_path)
+    runlog.trackers = ["wandb", "tensorboard"]
+    runlog.log("val", 0, {"top1": 0.25})
+    runlog.log("train", 2, {"loss": 2.0})
+    runlog.log("train", 8, {"loss": 1.0})
+    assert wandb.logged == [(0, {"val/top1": 0.25}), (2, {"train/loss": 2.0})] and wandb.commits == [True, True]
+    runlog.log("val", 8, {"top1": 0.5, "per_class_top1": {"a": 1.0}})
+    runlog.log("test", 8, {"top1": 0.75})
+    assert len(wandb.logged) == 2  # step 8 is still open
+    runlog.close()
+    assert wandb.logged[2:] == [(8, {"train/loss": 1.0, "val/top1": 0.5, "val/per_class_top1/a": 1.0,
+                                     "test/top1": 0.75})] and wandb.commits == [True, True, True]
+    assert board.logged == [(0, {"val/top1": 0.25}), (2, {"train/loss": 2.0}), (8, {"train/loss": 1.0}),
+                            (8, {"val/top1": 0.5, "val/per_class_top1/a": 1.0}), (8, {"test/top1": 0.75})]
+    assert board.commits == [None] * 5
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [0, 2, 8, 8, 8]
+
+
+def _history_at(run_dir: Path, step: int) -> list[dict]:
+    files = find_run_files(run_dir)
+    return [row for row in read_run(files[0]).history if row.get("_step") == step] if files else []
+
+
+def test_the_last_steps_wandb_row_is_written_with_the_final_report_not_at_exit(tmp_path, monkeypatch):
+    """The final step's metrics and report reach the offline run file while the run is still open: they do not
+    depend on wandb closing the step at the run's exit."""
+    import torch
+    from accelerate import Accelerator
+
+    _isolate_wandb(monkeypatch, tmp_path)  # the run file is flushed every 0.2 s
+    recipe = load_recipe(_tiny(tmp_path), ['tracking.backends=["wandb"]', "tracking.upload_model=false",
+                                           "tracking.plots=false"])
+    runlog = RunLog(Accelerator(), recipe, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    runlog.start_trackers({})
+    assert runlog.trackers == ["wandb"]
+    try:
+        runlog.log("val", 0, {"top1": 0.25})
+        runlog.log("train", 3, {"loss": 1.5})
+        runlog.log("val", 3, {"top1": 0.5})
+        runlog.log("test", 3, {"top1": 0.75})
+        runlog.log_confusion("test", torch.tensor([[1, 1], [0, 2]]), ["a", "b"])
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+        images = [(torch.rand(1, 16, 16), k % 2) for k in range(8)]
+        runlog.final_report(model, images, 3)
+        deadline = time.monotonic() + 20
+        while not _history_at(tmp_path / "run", 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        open_run = _history_at(tmp_path / "run", 3)
+    finally:
+        runlog.close()
+    assert len(open_run) == 1, "the step-3 row was not in the run file before the run's exit"
+    for rows in (open_run, _history_at(tmp_path / "run", 3)):
+        assert len(rows) == 1
+        row = rows[0]
+        assert (row["train/loss"], row["val/top1"], row["test/top1"]) == (1.5, 0.5, 0.75)
+        assert row["test/confusion_matrix_image"]["_type"] == "image-file"
+
+
+def test_a_failing_wandb_final_report_keeps_the_last_steps_metrics_and_ends_the_run(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """The final report's media failing (here wandb.Image) costs the images, not the last step's metrics: W&B
+    stays tracked, the step's row is committed and the run is finished, so the run file holds the final step."""
+    import torch
+    import wandb
+    from accelerate import Accelerator
+
+    _isolate_wandb(monkeypatch, tmp_path)
+    recipe = load_recipe(_tiny(tmp_path), ['tracking.backends=["wandb"]', "tracking.upload_model=false",
+                                           "tracking.plots=false"])
+    runlog = RunLog(Accelerator(), recipe, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    runlog.start_trackers({})
+    try:
+        runlog.log("val", 0, {"top1": 0.25})
+        runlog.log("val", 5, {"top1": 0.5})
+        runlog.log("test", 5, {"top1": 0.75})
+        runlog.log_confusion("test", torch.tensor([[1, 1], [0, 2]]), ["a", "b"])
+
+        def broken_image(*args, **kwargs):
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(wandb, "Image", broken_image)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+        with caplog.at_level(logging.ERROR, logger="imgcls.tracking.runlog"):
+            runlog.final_report(model, [(torch.rand(1, 16, 16), k % 2) for k in range(8)], 5)
+        assert runlog.trackers == ["wandb"]
+        assert "could not send the final report to W&B (OSError: no space left on device)" in caplog.text
+    finally:
+        runlog.close()
+        if wandb.run is not None:  # a dropped tracker is never finished: do not leave its run to later tests
+            wandb.run.finish()
+    history = read_run(find_run_files(tmp_path / "run")[0]).history
+    assert [(row["_step"], row.get("val/top1"), row.get("test/top1")) for row in history] == \
+        [(0, 0.25, None), (5, 0.5, 0.75)]
+
+
+def test_close_returns_once_wandb_core_has_written_the_whole_run_file(tmp_path, monkeypatch):
+    """The CI flake: `wandb.finish()` returns before wandb-core has written the run file's tail, which it does
+    when it handles the SDK's inform_finish message (sent without waiting). Here that message reaches
+    wandb-core 1.5 s late and no timer flushes the file: close() must still return only once the file holds
+    the whole run, the last step included."""
+    import threading
+
+    from accelerate import Accelerator
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    _isolate_wandb(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL", "600")
+    inform_finish = ServiceConnection.inform_finish
+    monkeypatch.setattr(ServiceConnection, "inform_finish",
+                        lambda self, run_id: threading.Timer(1.5, inform_finish, (self, run_id)).start())
+    recipe = load_recipe(_tiny(tmp_path), ['tracking.backends=["wandb"]', "tracking.plots=false"])
+    runlog = RunLog(Accelerator(), recipe, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    runlog.start_trackers({})
+    runlog.log("val", 0, {"top1": 0.25})
+    runlog.log("train", 2, {"loss": 1.5})
+    runlog.log("val", 2, {"top1": 0.5})
+    runlog.close()
+    run = read_run(find_run_files(tmp_path / "run")[0])
+    assert run.series("val/top1") == [(0, 0.25), (2, 0.5)] and run.series("train/loss") == [(2, 1.5)]
 
 
 def _write_log(path: Path, payloads: list[bytes]) -> None:

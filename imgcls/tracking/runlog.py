@@ -10,6 +10,15 @@ A resumed run continues the same W&B run id (saved in the checkpoint's TrainStat
 log, whose events after the checkpoint are purged as the rows of `metrics.jsonl` are, so steps keep increasing;
 W&B is re-sent the rows it may have lost to a hard kill.
 The W&B mode is `tracking.mode` unless WANDB_MODE is set (e.g. `offline` on a cluster without network).
+
+W&B gets one history row per step, closed here with `commit=True`: the scalars of a step's events (train,
+val, test) are gathered and sent together when the step changes, after the final report (whose images and
+tables go into the same open row just before), or at close. Left to wandb, a row logged with `step=` and no
+commit stays open in wandb-core until a later step or the run's exit closes it, so the last step's row
+depended on the run's exit path (a W&B tracker dropped by a failing final report was never finished, and the
+last step never written); and anything that commits the open step early makes wandb drop the rest of it.
+close() returns once wandb-core has written the whole run file (`wait_for_run_file`): `wandb.finish()` returns
+before that, and a reader right after it could find the file without its last records.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from imgcls.recipe import Recipe
 log = logging.getLogger(__name__)
 
 WANDB_INIT_TIMEOUT = 30.0  # seconds; WANDB_INIT_TIMEOUT in the environment wins
+RUN_FILE_TIMEOUT = 30.0  # seconds close() waits for wandb-core to finish writing the run file
 GALLERY_SIZE = 16
 GALLERY_SCAN = 1024  # validation images looked at, at most, to find the gallery
 LOGIN_HINT = ("Run `wandb login` (or set WANDB_API_KEY), or log offline with tracking.mode = \"offline\" "
@@ -120,24 +130,27 @@ def _send_report(tracker, report: dict, step: int) -> None:
         for tag, image in report["figures"].items():
             tracker.tracker.add_image(tag, image, step, dataformats="HWC")
         tracker.tracker.flush()
-    elif tracker.name == "wandb":
-        import wandb
 
-        split, names = report["split"], report["names"]
-        payload = {f"{tag}_image" if tag.endswith("confusion_matrix") else f"{tag}_grid": wandb.Image(image)
-                   for tag, image in report["figures"].items()}
-        if len(names) <= 100:  # the interactive chart is a table of C x C cells
-            counts = report["confusion"].flatten().numpy()
-            pairs = np.repeat(np.arange(counts.size), counts)
-            payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
-                y_true=(pairs // len(names)).tolist(), preds=(pairs % len(names)).tolist(), class_names=names,
-                title=f"{split} confusion matrix")
-        if report["wrong"]:
-            rows = [[wandb.Image((w["image"] * 255).round().astype(np.uint8)), names[w["true"]], names[w["pred"]],
-                     w["confidence"]] for w in report["wrong"]]
-            payload["val/misclassified"] = wandb.Table(columns=["image", "true", "predicted", "confidence"],
-                                                       data=rows)
-        tracker.tracker.log(payload, step=step)
+
+def _wandb_report(report: dict) -> dict:
+    """The final report as W&B values (images, the confusion-matrix chart, the misclassified table)."""
+    import wandb
+
+    split, names = report["split"], report["names"]
+    payload = {f"{tag}_image" if tag.endswith("confusion_matrix") else f"{tag}_grid": wandb.Image(image)
+               for tag, image in report["figures"].items()}
+    if len(names) <= 100:  # the interactive chart is a table of C x C cells
+        counts = report["confusion"].flatten().numpy()
+        pairs = np.repeat(np.arange(counts.size), counts)
+        payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=(pairs // len(names)).tolist(), preds=(pairs % len(names)).tolist(), class_names=names,
+            title=f"{split} confusion matrix")
+    if report["wrong"]:
+        rows = [[wandb.Image((w["image"] * 255).round().astype(np.uint8)), names[w["true"]], names[w["pred"]],
+                 w["confidence"]] for w in report["wrong"]]
+        payload["val/misclassified"] = wandb.Table(columns=["image", "true", "predicted", "confidence"],
+                                                   data=rows)
+    return payload
 
 
 def upload_model(run, recipe: Recipe, best: Path) -> None:
@@ -163,6 +176,7 @@ class RunLog:
         self.rows = sum(1 for _ in self.path.open()) if self.enabled and self.path.exists() else 0
         self.resumed = False
         self.confusions: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        self._wandb_row: tuple[int, dict] | None = None  # W&B: the open step and its values, not sent yet
 
     def truncate(self, rows: int) -> None:
         """On resume: drop the rows written after the checkpoint, so the log reads as one uninterrupted run."""
@@ -241,10 +255,16 @@ class RunLog:
         try:
             for row in self._kept_rows():
                 if row["step"] >= start:
+                    if self._wandb_row is not None and self._wandb_row[0] != row["step"]:
+                        step, values = self._wandb_row
+                        self._wandb_row = None
+                        tracker.log(values, step=step, commit=True)
                     values = {k: v for k, v in row.items() if k not in ("event", "step", "time")}
-                    tracker.log(flat_scalars(values, row["event"]), step=row["step"])
+                    self._wandb_add(row["step"], flat_scalars(values, row["event"]))
         except Exception as e:
+            self._wandb_row = None
             log.error("could not re-send the logged rows to W&B (%s: %s)", type(e).__name__, e)
+        # the last step stays open: the resumed run may log more of it (val after the checkpoint, say)
 
     def _tensorboard_config(self, writer) -> None:
         """The resolved recipe: as text, and as hparams in the same run (not accelerate's extra sub-run)."""
@@ -267,8 +287,10 @@ class RunLog:
             ids["wandb"] = self.accelerator.get_tracker("wandb", unwrap=True).id
         return ids
 
-    def _each_tracker(self, action: str, fn) -> None:
+    def _each_tracker(self, action: str, fn, only: str | None = None, skip: str | None = None) -> None:
         for tracker in list(self.accelerator.trackers):
+            if (only is not None and tracker.name != only) or tracker.name == skip:
+                continue
             try:
                 fn(tracker)
             except Exception as e:
@@ -287,7 +309,30 @@ class RunLog:
         self.rows += 1
         if self.trackers:
             scalars = flat_scalars(values, event)
-            self._each_tracker("logging", lambda tracker: tracker.log(scalars, step=step))
+            self._each_tracker("logging", lambda tracker: tracker.log(scalars, step=step), skip="wandb")
+            if "wandb" in self.trackers:
+                self._wandb_at(step)
+                self._wandb_add(step, scalars)
+
+    # ------------------------------------------------------------------ W&B: one committed row per step
+    def _wandb_add(self, step: int, values: dict) -> None:
+        if self._wandb_row is None:
+            self._wandb_row = (step, {})
+        self._wandb_row[1].update(values)
+
+    def _wandb_at(self, step: int) -> None:
+        """Values for `step` come next: the open row of an earlier step is complete, send it."""
+        if self._wandb_row is not None and self._wandb_row[0] != step:
+            self.flush_wandb()
+
+    def flush_wandb(self) -> None:
+        """Send the open W&B row with commit=True, so wandb writes it now (not when a later step or the run's
+        exit closes it). Called when the step changes, with the final report, and at close."""
+        if self._wandb_row is None:
+            return
+        step, values = self._wandb_row
+        self._wandb_row = None
+        self._each_tracker("logging", lambda tracker: tracker.log(values, step=step, commit=True), only="wandb")
 
     def log_confusion(self, split: str, confusion: torch.Tensor, names: list[str]) -> None:
         """The latest confusion matrix of a split, for the plots and the final report."""
@@ -324,7 +369,18 @@ class RunLog:
             log.exception("could not draw the final confusion matrix and gallery; continuing")
             return
         report = {"split": split, "confusion": confusion, "names": names, "wrong": wrong, "figures": figures}
-        self._each_tracker("logging the final report", lambda tracker: _send_report(tracker, report, step))
+        self._each_tracker("logging the final report", lambda tracker: _send_report(tracker, report, step),
+                           skip="wandb")
+        if "wandb" in self.trackers:  # into the step's open row, which the metrics then commit, before the upload
+            self._wandb_at(step)
+            self._wandb_add(step, {})  # the row is committed below even if no metric was logged at this step
+            try:
+                for tracker in [t for t in self.accelerator.trackers if t.name == "wandb"]:
+                    tracker.log(_wandb_report(report), step=step)
+            except Exception as e:  # the images and tables are lost, not the step's metrics nor the run's end
+                log.error("could not send the final report to W&B (%s: %s); its metrics are still sent",
+                          type(e).__name__, e)
+            self.flush_wandb()
         if self.recipe.tracking.upload_model and "wandb" in self.trackers:
             try:
                 upload_model(self.accelerator.get_tracker("wandb", unwrap=True), self.recipe,
@@ -337,7 +393,10 @@ class RunLog:
         if not self.enabled:
             return
         failed = sys.exc_info()[0] is not None  # called from train()'s `finally`: mark a crashed run as failed
+        self.flush_wandb()  # a crashed run's last step too
+        run_files = []
         for tracker in list(self.accelerator.trackers):
+            run_file = _wandb_run_file(tracker) if tracker.name == "wandb" else None
             try:
                 if failed and tracker.name == "wandb":
                     tracker.tracker.finish(exit_code=1)
@@ -345,5 +404,42 @@ class RunLog:
                     tracker.finish()
             except Exception as e:
                 log.error("closing the %s tracker failed (%s: %s)", tracker.name, type(e).__name__, e)
+                continue
+            if run_file is not None:
+                run_files.append(run_file)
         self.accelerator.trackers.clear()
         self.trackers = []
+        for run_file in run_files:
+            wait_for_run_file(run_file)
+
+
+def _wandb_run_file(tracker) -> Path | None:
+    """The W&B run's transaction log (`run-<id>.wandb`), unless the run writes none."""
+    try:
+        settings = tracker.tracker.settings
+        return None if settings.x_skip_transaction_log else Path(settings.sync_file)
+    except Exception:
+        return None
+
+
+def wait_for_run_file(path: Path, timeout: float | None = None) -> bool:
+    """Wait until W&B's run file is complete (holds the run's exit record). `wandb.finish()` returns before
+    wandb-core has written the file's tail: that happens when wandb-core closes the run's stream, on a message
+    the SDK sends without waiting for it. Whatever reads the file next (`wandb sync`, a test, the next job
+    step) must not find it without the last records, the final step's row among them."""
+    from imgcls.tracking.wandb_reader import has_exit_record
+
+    timeout = RUN_FILE_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if path.exists() and has_exit_record(path):
+                return True
+        except Exception as e:  # a damaged file: nothing to wait for
+            log.warning("could not check W&B's run file %s (%s: %s)", path, type(e).__name__, e)
+            return False
+        if time.monotonic() >= deadline:
+            log.warning("W&B's run file %s is still incomplete %.0f s after the run finished; wandb-core is "
+                        "still writing it", path, timeout)
+            return False
+        time.sleep(0.02)

@@ -33,31 +33,39 @@ BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def iter_payloads(path: str | Path) -> Iterator[bytes]:
+def iter_payloads(path: str | Path, warn: bool = True) -> Iterator[bytes]:
     """The reassembled record payloads of one `.wandb` file, checksums verified. A record cut off at the end of
     the file (the writer was killed mid-write) ends the iteration with a warning; damage elsewhere raises."""
     data = Path(path).read_bytes()
     if len(data) < FILE_HEADER.size or FILE_HEADER.unpack_from(data) != (FILE_IDENT, FILE_MAGIC, FILE_VERSION):
         raise CorruptLog(f"{path}: not a W&B run file (expected the ':W&B' header, magic 0xBEE1, version 0)")
-    pos, parts = FILE_HEADER.size, None
+    yield from _payloads(path, data, FILE_HEADER.size, 0, warn)
+
+
+def _payloads(path, data: bytes, pos: int, base: int, warn: bool, resync: bool = False) -> Iterator[bytes]:
+    """Payloads from data[pos:], where data starts at file offset `base` (a block boundary). `resync`: the
+    data starts inside the file, so pieces of a record that began before it are skipped."""
+    parts = None
     while pos < len(data):
-        room = BLOCK - pos % BLOCK
+        room = BLOCK - (base + pos) % BLOCK
         if room < RECORD_HEADER.size:  # block trailer: padding
             pos += room
             continue
         if pos + RECORD_HEADER.size > len(data):
-            log.warning("%s: ends inside a record header at byte %d (writer stopped mid-write)", path, pos)
+            if warn:
+                log.warning("%s: ends inside a record header at byte %d (writer stopped mid-write)", path, base + pos)
             return
         crc, length, kind = RECORD_HEADER.unpack_from(data, pos)
         if kind == 0 and length == 0:  # zero-filled space the writer reserved but never used
             return
         start, end = pos + RECORD_HEADER.size, pos + RECORD_HEADER.size + length
         if end > len(data):
-            log.warning("%s: last record cut off at byte %d (writer stopped mid-write)", path, pos)
+            if warn:
+                log.warning("%s: last record cut off at byte %d (writer stopped mid-write)", path, base + pos)
             return
         payload = data[start:end]
         if zlib.crc32(bytes([kind]) + payload) != crc:
-            raise CorruptLog(f"{path}: checksum mismatch in the record at byte {pos}")
+            raise CorruptLog(f"{path}: checksum mismatch in the record at byte {base + pos}")
         pos = end
         if kind == FULL and parts is None:
             yield payload
@@ -68,8 +76,33 @@ def iter_payloads(path: str | Path) -> Iterator[bytes]:
             if kind == LAST:
                 yield b"".join(parts)
                 parts = None
+        elif kind in (MIDDLE, LAST) and resync:
+            continue
         else:
-            raise CorruptLog(f"{path}: record of type {kind} out of sequence at byte {pos - length - 7}")
+            raise CorruptLog(f"{path}: record of type {kind} out of sequence at byte {base + pos - length - 7}")
+
+
+def has_exit_record(path: str | Path) -> bool:
+    """Whether the run file holds its run's exit record yet, which wandb-core writes after every history row.
+    `wandb.finish()` returns before wandb-core has closed the run's stream, and the records since its last
+    periodic flush (`x_transaction_log_flush_interval`, 15 s by default) reach the file only then; a reader
+    that needs the whole run waits for this. Reads the last two blocks only, so it is cheap on a long run."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(path)
+    with path.open("rb") as f:
+        start = max(0, (f.seek(0, 2) - 2 * BLOCK) // BLOCK * BLOCK)
+        if start == 0:
+            payloads = iter_payloads(path, warn=False)
+        else:
+            f.seek(start)
+            payloads = _payloads(path, f.read(), 0, start, warn=False, resync=True)
+        for payload in payloads:
+            record = pb.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    return False
 
 
 def read_records(path: str | Path) -> Iterator[Any]:
