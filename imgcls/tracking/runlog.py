@@ -22,29 +22,20 @@ before that, and a reader right after it could find the file without its last re
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from imgcls.tracking import plots
+from imgcls.tracking import plots, wandb_run
+from imgcls.tracking.report import misclassified, send_tensorboard_report
 from imgcls.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-WANDB_INIT_TIMEOUT = 30.0  # seconds; WANDB_INIT_TIMEOUT in the environment wins
-RUN_FILE_TIMEOUT = 30.0  # seconds close() waits for wandb-core to finish writing the run file
-GALLERY_SIZE = 16
-GALLERY_SCAN = 1024  # validation images looked at, at most, to find the gallery
-LOGIN_HINT = ("Run `wandb login` (or set WANDB_API_KEY), or log offline with tracking.mode = \"offline\" "
-              "(or WANDB_MODE=offline) and upload later with `wandb sync`.")
 
 
 def available_backends(backends: list[str]) -> list[str]:
@@ -57,26 +48,6 @@ def available_backends(backends: list[str]) -> list[str]:
             log.error("tracking.backends has %r but the %r package is not installed: pip install 'imgcls[tracking]'"
                       " (continuing without it)", name, name)
     return usable
-
-
-def wandb_mode(recipe_mode: str) -> str:
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    env = {"dryrun": "offline", "run": "online"}.get(env, env)
-    return env if env in ("online", "offline", "disabled") else recipe_mode
-
-
-def wandb_login_problem(mode: str) -> str | None:
-    """Online W&B without credentials would prompt or hang; find that out first, without network."""
-    if mode != "online":
-        return None
-    import wandb
-
-    try:
-        if wandb.login(prompt=False, verify=False):
-            return None
-    except Exception as e:  # a broken settings file or netrc, say
-        return f"the W&B login check failed ({type(e).__name__}: {e})"
-    return "W&B is in online mode but this machine is not logged in (no API key found)"
 
 
 def flat_scalars(values: dict, prefix: str) -> dict:
@@ -98,71 +69,6 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
     return out
-
-
-@torch.no_grad()
-def misclassified(model, dataset, mean, std, limit: int = GALLERY_SIZE) -> list[dict]:
-    """Up to `limit` validation images the model gets wrong, as displayable arrays in 0..1. Looks at most
-    GALLERY_SCAN images spread over the whole split (folders are often sorted by class), and takes the mistakes
-    round-robin over the true classes, so the gallery is not one confusion sixteen times."""
-    device = next(model.parameters()).device
-    was_training, by_class = model.training, {}
-    model.eval()
-    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-    picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), GALLERY_SCAN)).round().long().unique().tolist()
-    for start in range(0, len(picks), 64):
-        items = [dataset[k] for k in picks[start:start + 64]]
-        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-        confidence, pred = model(images.to(device)).float().softmax(dim=1).cpu().max(dim=1)
-        for k in (pred != labels).nonzero().flatten().tolist():
-            kept = by_class.setdefault(int(labels[k]), [])
-            if len(kept) < limit:
-                shown = (images[k] * std + mean).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
-                kept.append({"image": shown, "true": int(labels[k]), "pred": int(pred[k]),
-                             "confidence": float(confidence[k])})
-    model.train(was_training)
-    rounds = itertools.zip_longest(*(by_class[c] for c in sorted(by_class)))
-    return [item for row in rounds for item in row if item is not None][:limit]
-
-
-def _send_report(tracker, report: dict, step: int) -> None:
-    if tracker.name == "tensorboard":
-        for tag, image in report["figures"].items():
-            tracker.tracker.add_image(tag, image, step, dataformats="HWC")
-        tracker.tracker.flush()
-
-
-def _wandb_report(report: dict) -> dict:
-    """The final report as W&B values (images, the confusion-matrix chart, the misclassified table)."""
-    import wandb
-
-    split, names = report["split"], report["names"]
-    payload = {f"{tag}_image" if tag.endswith("confusion_matrix") else f"{tag}_grid": wandb.Image(image)
-               for tag, image in report["figures"].items()}
-    if len(names) <= 100:  # the interactive chart is a table of C x C cells
-        counts = report["confusion"].flatten().numpy()
-        pairs = np.repeat(np.arange(counts.size), counts)
-        payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
-            y_true=(pairs // len(names)).tolist(), preds=(pairs % len(names)).tolist(), class_names=names,
-            title=f"{split} confusion matrix")
-    if report["wrong"]:
-        rows = [[wandb.Image((w["image"] * 255).round().astype(np.uint8)), names[w["true"]], names[w["pred"]],
-                 w["confidence"]] for w in report["wrong"]]
-        payload["val/misclassified"] = wandb.Table(columns=["image", "true", "predicted", "confidence"],
-                                                   data=rows)
-    return payload
-
-
-def upload_model(run, recipe: Recipe, best: Path) -> None:
-    """`model/best` as a W&B artifact of type model, named after the recipe, aliased `best`."""
-    import wandb
-
-    config = json.loads((best / "config.json").read_text())
-    artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"{recipe.name}-model"), type="model",
-                              metadata={k: config.get(k) for k in ("epoch", "step", "val", "class_names", "model")})
-    artifact.add_dir(str(best))
-    run.log_artifact(artifact, aliases=["best"])
-    log.info("uploaded %s to W&B as artifact %s (type model)", best, artifact.name)
 
 
 class RunLog:
@@ -200,7 +106,7 @@ class RunLog:
                     continue
                 tracker.start()
             except Exception as e:  # a tracker must never kill training
-                hint = f" {LOGIN_HINT}" if name == "wandb" else ""
+                hint = f" {wandb_run.LOGIN_HINT}" if name == "wandb" else ""
                 log.error("could not start the %s tracker (%s: %s); continuing without it.%s", name,
                           type(e).__name__, e, hint)
                 continue
@@ -217,12 +123,12 @@ class RunLog:
         import wandb
         from accelerate.tracking import WandBTracker
 
-        t, mode = self.recipe.tracking, wandb_mode(self.recipe.tracking.mode)
-        problem = wandb_login_problem(mode)
+        t, mode = self.recipe.tracking, wandb_run.wandb_mode(self.recipe.tracking.mode)
+        problem = wandb_run.wandb_login_problem(mode)
         if problem:
-            log.error("%s; continuing without W&B. %s", problem, LOGIN_HINT)
+            log.error("%s; continuing without W&B. %s", problem, wandb_run.LOGIN_HINT)
             return None
-        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": WANDB_INIT_TIMEOUT}
+        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": wandb_run.WANDB_INIT_TIMEOUT}
         kwargs = {"name": t.run_name or f"{self.recipe.name}/{self.run_dir.name}", "dir": str(self.run_dir),
                   "mode": mode, "tags": list(t.tags) or None, "notes": t.notes or None, "group": t.group or None,
                   "entity": t.entity or None, "config": self.recipe.model_dump(mode="json"),
@@ -369,21 +275,21 @@ class RunLog:
             log.exception("could not draw the final confusion matrix and gallery; continuing")
             return
         report = {"split": split, "confusion": confusion, "names": names, "wrong": wrong, "figures": figures}
-        self._each_tracker("logging the final report", lambda tracker: _send_report(tracker, report, step),
+        self._each_tracker("logging the final report", lambda tracker: send_tensorboard_report(tracker, report, step),
                            skip="wandb")
         if "wandb" in self.trackers:  # into the step's open row, which the metrics then commit, before the upload
             self._wandb_at(step)
             self._wandb_add(step, {})  # the row is committed below even if no metric was logged at this step
             try:
                 for tracker in [t for t in self.accelerator.trackers if t.name == "wandb"]:
-                    tracker.log(_wandb_report(report), step=step)
+                    tracker.log(wandb_run.report_payload(report), step=step)
             except Exception as e:  # the images and tables are lost, not the step's metrics nor the run's end
                 log.error("could not send the final report to W&B (%s: %s); its metrics are still sent",
                           type(e).__name__, e)
             self.flush_wandb()
         if self.recipe.tracking.upload_model and "wandb" in self.trackers:
             try:
-                upload_model(self.accelerator.get_tracker("wandb", unwrap=True), self.recipe,
+                wandb_run.upload_model(self.accelerator.get_tracker("wandb", unwrap=True), self.recipe,
                              self.run_dir / "model" / "best")
             except Exception as e:
                 log.error("uploading the best model to W&B failed (%s: %s); it stays in %s", type(e).__name__, e,
@@ -396,7 +302,7 @@ class RunLog:
         self.flush_wandb()  # a crashed run's last step too
         run_files = []
         for tracker in list(self.accelerator.trackers):
-            run_file = _wandb_run_file(tracker) if tracker.name == "wandb" else None
+            run_file = wandb_run.run_file(tracker) if tracker.name == "wandb" else None
             try:
                 if failed and tracker.name == "wandb":
                     tracker.tracker.finish(exit_code=1)
@@ -410,36 +316,6 @@ class RunLog:
         self.accelerator.trackers.clear()
         self.trackers = []
         for run_file in run_files:
-            wait_for_run_file(run_file)
+            wandb_run.wait_for_run_file(run_file)
 
 
-def _wandb_run_file(tracker) -> Path | None:
-    """The W&B run's transaction log (`run-<id>.wandb`), unless the run writes none."""
-    try:
-        settings = tracker.tracker.settings
-        return None if settings.x_skip_transaction_log else Path(settings.sync_file)
-    except Exception:
-        return None
-
-
-def wait_for_run_file(path: Path, timeout: float | None = None) -> bool:
-    """Wait until W&B's run file is complete (holds the run's exit record). `wandb.finish()` returns before
-    wandb-core has written the file's tail: that happens when wandb-core closes the run's stream, on a message
-    the SDK sends without waiting for it. Whatever reads the file next (`wandb sync`, a test, the next job
-    step) must not find it without the last records, the final step's row among them."""
-    from imgcls.tracking.wandb_reader import has_exit_record
-
-    timeout = RUN_FILE_TIMEOUT if timeout is None else timeout
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if path.exists() and has_exit_record(path):
-                return True
-        except Exception as e:  # a damaged file: nothing to wait for
-            log.warning("could not check W&B's run file %s (%s: %s)", path, type(e).__name__, e)
-            return False
-        if time.monotonic() >= deadline:
-            log.warning("W&B's run file %s is still incomplete %.0f s after the run finished; wandb-core is "
-                        "still writing it", path, timeout)
-            return False
-        time.sleep(0.02)
