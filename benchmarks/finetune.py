@@ -12,7 +12,7 @@ whole command's wall time (`accelerate launch -m imgcls.train ...`, start-up and
                 (20.4 %, 20.8 % test), which is the distortion the probe's head avoids.
 - probe+ft:     recipes/finetune_folder.toml as shipped (probe, then fine-tune)
 
-`--cifar-subset DIR` first writes the README's 500-image CIFAR-10 subset as class folders (the first 50 train
+`--cifar-subset DIR` (with `--cifar-per-class N`, N train images of each class instead of 50) first writes the README's 500-image CIFAR-10 subset as class folders (the first 50 train
 images of each class, in the hub file's order; the first 100 test images of each class) from
 ../shared/data/cifar10, then runs on it (add `--set 'data.image_size=[128,128]' data.crop_pct=1.0`).
 
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", help="the photo folder (train/ [val/] [test/] of class folders)")
     p.add_argument("--cifar-subset", default="", help="write the 500-image CIFAR-10 subset here and use it as root")
+    p.add_argument("--cifar-per-class", type=int, default=50,
+                   help="train images of each class in the CIFAR-10 subset (default 50: 500 images)")
     p.add_argument("--weights", default="", help="a converted .safetensors (else the recipes' pretrained = true)")
     p.add_argument("--model", default="timm:tf_efficientnet_lite0")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.cifar_subset:
-        args.root = str(write_cifar_subset(Path(args.cifar_subset), {"train": 50, "test": 100}))
+        args.root = str(write_cifar_subset(Path(args.cifar_subset), {"train": args.cifar_per_class, "test": 100}))
     if not args.root:
         p.error("give --root or --cifar-subset")
     args.root = str(Path(args.root).resolve())
