@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import write_class_folders
 from helpers import only_run, train_inprocess
-from imgcls.models.pretrained import PREPROCESS_METADATA, carried_preprocess
+from imgcls.models.weights_preprocess import PREPROCESS_METADATA, carried_preprocess
 from imgcls.training.preprocess import pretrained_preprocess
 from imgcls.recipe import load_recipe
 from imgcls.errors import RecipeError

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from imgcls.atomic import recover_dir, remove_stale_tmp_dirs, replace_dir, tmp_dir
 from imgcls.data.classnames import check_class_names
-from imgcls.models.pretrained import PREPROCESS_METADATA
+from imgcls.models.weights_preprocess import PREPROCESS_METADATA
 from imgcls.models.registry import build_model
 from imgcls.models.spec import Spec
 

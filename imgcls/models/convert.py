@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from imgcls.models import timm_models
-from imgcls.models.pretrained import PREPROCESS_KEYS, PREPROCESS_METADATA, timm_preprocess
+from imgcls.models.weights_preprocess import PREPROCESS_KEYS, PREPROCESS_METADATA, timm_preprocess
 from imgcls.models.spec import Spec
 from imgcls.errors import RecipeError
 

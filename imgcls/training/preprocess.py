@@ -12,7 +12,7 @@ from typing import Any
 
 from accelerate.logging import get_logger
 
-from imgcls.models.pretrained import PREPROCESS_KEYS, weights_preprocess
+from imgcls.models.weights_preprocess import PREPROCESS_KEYS, weights_preprocess
 from imgcls.recipe import DataConfig, Recipe
 
 _log = get_logger(__name__)
