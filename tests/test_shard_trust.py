@@ -361,3 +361,38 @@ def test_a_labels_file_longer_than_the_manifest_says_is_not_read_past_it(out):
         load_shards(shards_cfg(out))
     assert str(e.value) == (f"{out}/train.labels.npy: more than the {nbytes} bytes manifest.json says; write the "
                             f"shards anew with `imgcls-data shard`")
+
+
+def test_a_manifest_larger_than_any_shard_folder_needs_is_refused_without_reading_it_whole(out, monkeypatch):
+    from imgcls.data import shard_manifest
+
+    monkeypatch.setattr(shard_manifest, "MAX_MANIFEST_BYTES", 1 << 20, raising=False)
+    read = []
+    real = shard_manifest.fetch_small
+
+    def spy(root, name, limit=None):
+        data = real(root, name, limit)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(shard_manifest, "fetch_small", spy)
+    with server(out, endless={"manifest.json"}) as (url, gets):  # 8 MiB of zeros, as a hostile server sends
+        with pytest.raises(DataError) as e:
+            shard_manifest.read_manifest(url)
+    assert str(e.value) == (f"{url}/manifest.json: more than 1048576 bytes, far more than a manifest of shards "
+                            f"needs (its limit is 1048576); check data.root, or write the shards anew with "
+                            f"`imgcls-data shard`")
+    assert read == []  # refused inside the read: at most the limit + 1 bytes were taken
+
+
+def test_a_remote_labels_file_longer_than_one_network_read_is_read_whole(tmp_path):
+    # a streamed http read(n) returns what one network read brought (64 KiB): 50,000 labels were cut short
+    from imgcls.data.shard_manifest import read_labels
+
+    labels = (np.arange(50_000) % 7).astype(np.int32)
+    data = npy_bytes(labels)
+    (tmp_path / "train.labels.npy").write_bytes(data)
+    entry = {"count": len(labels), "labels": {"file": "train.labels.npy", "bytes": len(data), "sha256": sha(data)}}
+    with server(tmp_path) as (url, gets):
+        got = read_labels(url, "train", entry, 7)
+    assert np.array_equal(got, labels) and got.dtype == np.int32

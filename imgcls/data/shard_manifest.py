@@ -23,6 +23,7 @@ from imgcls.errors import DataError
 
 FORMAT, VERSION, MANIFEST = "imgcls-shards", 2, "manifest.json"
 MAX_SHARD_BYTES = 2**40
+MAX_MANIFEST_BYTES = 64 << 20  # ~200 bytes a shard: room for 300,000 shards
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -43,19 +44,22 @@ def file_entry(data: bytes, name: str) -> dict:
 
 
 def fetch_small(root: str, name: str, limit: int | None = None) -> bytes:
-    """manifest.json or a label file, through fsspec (a local folder, http(s)://, hf://); with a `limit`, reading
-    stops past it (a DataError). The manifest is read whole: fsspec's streamed http open reports an unreachable
-    server as a missing file."""
+    """manifest.json or a label file, through fsspec (a local folder, http(s)://, hf://). Reading stops past
+    `limit` (a label file: the size the manifest says) or, for the manifest, past MAX_MANIFEST_BYTES: a
+    DataError, so a server sending endless bytes costs no more memory than that."""
     import fsspec
 
     url = f"{root}/{name}"
+    cap = MAX_MANIFEST_BYTES if limit is None else limit
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        if limit is None:
-            return fs.cat_file(path)
         with fs.open(path, "rb", block_size=0) as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
+            data = _read_upto(f, cap + 1)
+    except FileNotFoundError as e:
+        cause = e.__cause__ or e.__context__  # fsspec's streamed http open reports an unreachable server so
+        if isinstance(cause, transfer_errors()):
+            raise DataError(f"cannot read {url} ({type(cause).__name__}: {cause}); check data.root and that this "
+                            f"machine can reach it") from None
         hint = ("is data.root a folder written by `imgcls-data shard`?" if name == MANIFEST else
                 "manifest.json lists this split, so the shard folder is incomplete: copy it again")
         raise DataError(f"{url} not found; {hint}") from None
@@ -64,9 +68,24 @@ def fetch_small(root: str, name: str, limit: int | None = None) -> bytes:
                         f"can reach it") from None
     except ImportError as e:  # fsspec's http(s) needs aiohttp; hf:// needs huggingface_hub
         raise DataError(f"cannot read {url}: {e}") from None
-    if len(data) > limit:
+    if len(data) > cap:
+        if limit is None:
+            raise DataError(f"{url}: more than {cap} bytes, far more than a manifest of shards needs (its limit is "
+                            f"{cap}); check data.root, or {ANEW}")
         raise DataError(f"{url}: more than the {limit} bytes manifest.json says; {ANEW}")
     return data
+
+
+def _read_upto(f, n: int) -> bytes:
+    """Up to n bytes: a streamed http file's read(n) returns what one network read brought, often less."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _whole(value, low: int, high: int) -> bool:
