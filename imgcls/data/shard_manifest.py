@@ -56,7 +56,7 @@ def fetch_small(root: str, name: str, limit: int | None = None) -> bytes:
         with fs.open(path, "rb", block_size=0) as f:
             data = _read_upto(f, cap + 1)
     except FileNotFoundError as e:
-        cause = e.__cause__ or e.__context__  # fsspec's streamed http open reports an unreachable server so
+        cause = e.__cause__ or e.__context__  # fsspec's streamed http open: an unreachable server, as missing
         if isinstance(cause, transfer_errors()):
             raise DataError(f"cannot read {url} ({type(cause).__name__}: {cause}); check data.root and that this "
                             f"machine can reach it") from None
