@@ -15,7 +15,7 @@ from pathlib import Path
 from imgcls.errors import CheckpointError, DataError, NonFiniteLoss, PreflightError, RecipeError, ShardError
 from imgcls.exitcodes import EXIT_PREEMPTED, EXIT_USAGE  # noqa: F401 (EXIT_PREEMPTED: for callers of main)
 from imgcls.training.runinfo import load_run_recipe
-from imgcls.training.trainer import Trainer, train  # noqa: F401 (the Python API: imgcls.train.train(recipe))
+from imgcls.training.trainer import Trainer, plan_text, train  # noqa: F401 (the Python API: imgcls.train.train(recipe))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +40,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_run_recipe(args.recipe, args.overrides, args.resume)
-        return train(recipe, resume=args.resume, dry_run=args.dry_run)
+        if args.dry_run:
+            text = plan_text(recipe)
+            if text is not None:
+                print(text)
+            return 0
+        return train(recipe, resume=args.resume)
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -151,10 +151,10 @@ class MeasuredTrainer(Trainer):
     """The Trainer as it trains, without evaluation and checkpoints: the doctor measures its steps."""
 
     def validate(self, epoch: int) -> None:
-        pass
+        """No validation: only the training steps are timed."""
 
     def save_checkpoint(self) -> None:
-        pass
+        """No checkpoint: the doctor writes nothing into a run folder."""
 
 
 def trainer_speed(trainer: Trainer) -> dict:

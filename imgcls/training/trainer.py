@@ -265,20 +265,28 @@ class Trainer(EvalAndSave, EndOfRun, NonFiniteSteps):
         return "done" if self.done else "epoch" if epoch_end else "continue"
 
 
-def train(recipe: Recipe, resume: str = "", dry_run: bool = False) -> int:
+def plan_run(recipe: Recipe):
+    """The accelerator and the plan (data checked, model built, batches sized): what a run starts from."""
     accelerator = create_accelerator(recipe.train, recipe.seed)  # trackers are started by RunLog, one by one
     setup_logging(accelerator)
     if note := apply_cpu_threads(accelerator.device, recipe.train.cpu_threads):
         log.info(note)
     check_gpu_decode(recipe.data, accelerator.device)
     set_seed(recipe.seed)
-    plan = local_main_first(accelerator, lambda: make_plan(recipe, accelerator.num_processes))
+    return accelerator, local_main_first(accelerator, lambda: make_plan(recipe, accelerator.num_processes))
+
+
+def plan_text(recipe: Recipe) -> str | None:
+    """`--dry-run`: the resolved recipe and the plan, as text; None on every process but the main one."""
+    accelerator, plan = plan_run(recipe)
+    if not accelerator.is_main_process:
+        return None
+    return f"{recipe_to_toml(plan.recipe)}\n{plan.summary(plan.recipe, accelerator.num_processes)}"
+
+
+def train(recipe: Recipe, resume: str = "") -> int:
+    accelerator, plan = plan_run(recipe)
     recipe = plan.recipe  # with the pretrained weights' own preprocessing where the recipe left it unset
-    if dry_run:
-        if accelerator.is_main_process:
-            print(recipe_to_toml(recipe))
-            print(plan.summary(recipe, accelerator.num_processes))
-        return 0
     run_dir, source = setup_run(recipe, accelerator, resume)
     write_run_files(recipe, accelerator, run_dir, plan.per_device_batch)
     accelerator.project_configuration.set_directories(str(run_dir))
