@@ -23,7 +23,7 @@ from imgcls.data.fingerprint import code_identity
 from imgcls.data.loaders import build_splits
 from imgcls.data.sources import FileImages
 from imgcls.data.split import Split
-from imgcls.data.store import open_disk
+from imgcls.data.store_disk import open_disk
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import DataError
 from imgcls.recipe import DataConfig

@@ -25,7 +25,8 @@ from imgcls.data import pool, store as store_mod
 from imgcls.data.fingerprint import frame_inputs, source_fingerprint, store_key
 from imgcls.data.sources import FileImages
 from imgcls.data.split import Split
-from imgcls.data.store import fill_memory, open_disk
+from imgcls.data.store import fill_memory
+from imgcls.data.store_disk import open_disk
 from imgcls.data.storelock import fill_lock, is_held
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import DataError
@@ -115,6 +116,7 @@ def test_a_killed_filler_leaves_no_decode_worker_holding_the_lock(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, time
         from imgcls.data import store
+        from imgcls.data.store_disk import open_disk
         from imgcls.data.sources import FileImages
         from imgcls.data.split import Split
         from imgcls.data.transforms import Preprocess
@@ -126,8 +128,8 @@ def test_a_killed_filler_leaves_no_decode_worker_holding_the_lock(tmp_path):
             return frame(self, k)
         store.Framer.__call__ = slow
         split = Split("train", [0] * 40, FileImages({paths!r}))
-        store.open_disk(split, Preprocess((16, 16), 3, (0.5,) * 3, (0.25,) * 3, "bilinear"), "eval",
-                        cache_dir={str(cache)!r}, workers=2)
+        open_disk(split, Preprocess((16, 16), 3, (0.5,) * 3, (0.25,) * 3, "bilinear"), "eval",
+                  cache_dir={str(cache)!r}, workers=2)
     """))
     filler = subprocess.Popen([sys.executable, str(script)], env=subprocess_env())
     try:

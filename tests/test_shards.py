@@ -26,7 +26,7 @@ import torch
 from conftest import write_class_folders, write_hub_layout, write_recipe
 from PIL import Image
 
-from imgcls.data import store as store_mod
+from imgcls.data import store_disk
 from imgcls.data.loaders import build_splits
 from imgcls.data.tools.cli import main
 from imgcls.data.tools.shard import ShardSize, human_bytes, parse_shard_size, summary
@@ -38,7 +38,8 @@ from imgcls.data.scan import check_images
 from imgcls.data.shard_cache import ShardCache, download_lock
 from imgcls.data.shards import load_shards, shard_counts
 from imgcls.errors import DataError, ShardError
-from imgcls.data.store import DecodingImages, open_store
+from imgcls.data.store import DecodingImages
+from imgcls.data.store_disk import open_store
 from imgcls.data.transforms import Preprocess
 
 CLASSES = ["a", "b", "c"]
@@ -366,7 +367,7 @@ def test_disk_store_over_shards_reopens_and_a_new_manifest_changes_the_key(tree,
 
     def no_fill(*args, **kwargs):
         raise AssertionError("the store was filled again")
-    monkeypatch.setattr(store_mod, "_fill_disk", no_fill)
+    monkeypatch.setattr(store_disk, "_fill_disk", no_fill)
     again = open_store(build_splits(cfg).val, pre, "disk", "eval")
     assert again.path == first.path and torch.equal(again.pixels, first.pixels)
 

@@ -31,8 +31,8 @@ from imgcls.data.sources import FileImages, _scan_classes, image_extensions
 from imgcls.data.split import Split
 from imgcls.errors import DataError
 from imgcls.data.storelock import fill_lock
-from imgcls.data.store import (COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, open_disk, open_store,
-                          working_size)
+from imgcls.data.store import COMPLETE, DecodingImages, ImageStore, fill_memory, keep_batch, working_size
+from imgcls.data.store_disk import open_disk, open_store
 from imgcls.data.transforms import Preprocess
 from imgcls.inference.preprocess import PIL_FILTERS
 

@@ -29,7 +29,8 @@ from imgcls.data.scan import check_images
 from imgcls.data.shard_order import ShardOrderSampler
 from imgcls.data.shards import shard_counts
 from imgcls.data.sources import SOURCES, TEST_NAMES, VAL_NAMES, Split
-from imgcls.data.store import keep_batch, open_store
+from imgcls.data.store import keep_batch
+from imgcls.data.store_disk import open_store
 from imgcls.data.transforms import Preprocess
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from imgcls.data.fingerprint import cache_root, frame_inputs
 from imgcls.data.loaders import DataSplits, Images, make_loader
-from imgcls.data.store import open_store, working_size
+from imgcls.data.store import working_size
+from imgcls.data.store_disk import open_store
 from imgcls.data.transforms import Preprocess
 from imgcls.models.parts import classifier_prefix
 from imgcls.recipe import Recipe
